@@ -1,0 +1,1 @@
+"""Editing engines behind one Protocol, built lazily by name."""

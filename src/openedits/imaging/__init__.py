@@ -1,0 +1,1 @@
+"""Image handling: safe fetching, decoding with limits, masks and grids."""

@@ -1,0 +1,1 @@
+"""The task store: tables, migrations and the guarded state machine."""

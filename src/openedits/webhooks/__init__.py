@@ -1,0 +1,1 @@
+"""Webhook callbacks: the durable outbox, signing and delivery."""

@@ -1,0 +1,1 @@
+"""Workers: the one task runner and the dispatchers that call it."""
