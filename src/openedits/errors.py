@@ -50,6 +50,7 @@ __all__ = [
     "TokenInvalid",
     "TokenMismatched",
     "describe_value",
+    "validation_message",
 ]
 
 
@@ -59,6 +60,33 @@ def describe_value(value: Any, limit: int = 80) -> str:
     if len(text) > limit:
         text = f"{text[: limit - 20]}…{text[-12:]} ({len(text)} chars)"
     return text
+
+
+_HINTS = {
+    "image_url": "an http(s) URL or a data:image/...;base64, URI",
+    "prompt": "a string of 1 to 4,000 characters",
+    "mask": "bare base64, a data: URI or an http(s) URL of a PNG/JPEG/WebP",
+    "mode": "one of fast, relax, turbo",
+    "split_images": "true or false",
+    "async": "true or false",
+    "callback_url": "an http(s) URL",
+}
+
+
+def validation_message(errors: list[Any]) -> str:
+    """Turn pydantic errors into one sentence per field: the field, what came, what is allowed."""
+    parts = []
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        field = ".".join(loc) or "body"
+        if err.get("type") == "missing":
+            hint = _HINTS.get(field)
+            parts.append(f"{field} is required" + (f" ({hint})" if hint else ""))
+            continue
+        got = describe_value(err.get("input"))
+        rule = _HINTS.get(field) or str(err.get("msg", "invalid")).rstrip(".")
+        parts.append(f"{field}: got {got}; expected {rule}")
+    return "; ".join(parts)
 
 
 class OpenEditsError(Exception):

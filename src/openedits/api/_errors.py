@@ -1,0 +1,128 @@
+"""One renderer for every error: the contract's envelope, from any layer, with the trace id."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from openedits._ids import new_trace_id
+from openedits.errors import (
+    InvalidInput,
+    NotFound,
+    OpenEditsError,
+    describe_value,
+    validation_message,
+)
+
+__all__ = ["TraceMiddleware", "envelope", "install_error_handlers"]
+
+log = logging.getLogger("openedits.api")
+
+def envelope(code: str, message: str, trace_id: str) -> dict[str, Any]:
+    """The error body of CONTRACT.md."""
+    return {"success": False, "error": {"code": code, "message": message}, "trace_id": trace_id}
+
+
+def _trace_id(request: Request) -> str:
+    return getattr(request.state, "trace_id", None) or new_trace_id()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that render every exception as the envelope."""
+
+    @app.exception_handler(OpenEditsError)
+    async def _domain(request: Request, exc: OpenEditsError) -> JSONResponse:
+        trace_id = _trace_id(request)
+        return JSONResponse(
+            envelope(exc.code, exc.message, trace_id), exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = InvalidInput(validation_message(list(exc.errors())))
+        return JSONResponse(envelope(err.code, err.message, _trace_id(request)), 400)
+
+    @app.exception_handler(ValidationError)
+    async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
+        err = InvalidInput(validation_message(list(exc.errors())))
+        return JSONResponse(envelope(err.code, err.message, _trace_id(request)), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        trace_id = _trace_id(request)
+        path = request.url.path
+        if exc.status_code == 404:
+            err: OpenEditsError = NotFound(
+                f"no such path {describe_value(path)}; openedits serves POST /midjourney/edits, "
+                "POST /midjourney/tasks, GET /files/<task_id>/<name> and GET /healthz"
+            )
+            return JSONResponse(envelope(err.code, err.message, trace_id), 404)
+        if exc.status_code == 405:
+            allowed = exc.headers.get("allow", "") if exc.headers else ""
+            message = f"{request.method} is not allowed on {path}; use {allowed or 'POST'}"
+            return JSONResponse(
+                envelope("method_not_allowed", message, trace_id),
+                405,
+                headers={"allow": allowed} if allowed else None,
+            )
+        code = "bad_request" if exc.status_code < 500 else "api_error"
+        return JSONResponse(envelope(code, str(exc.detail), trace_id), exc.status_code)
+
+
+class TraceMiddleware:
+    """Gives every request a trace id (request.state.trace_id and the x-trace-id header) and
+    turns any exception that escapes the app into the 500 envelope naming that trace id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        trace_id = new_trace_id()
+        scope.setdefault("state", {})["trace_id"] = trace_id
+        started = False
+
+        async def send_with_trace(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-trace-id", trace_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_trace)
+        except Exception:
+            log.exception("unhandled error", extra={"trace_id": trace_id})
+            if started:
+                return
+            body = json.dumps(
+                envelope(
+                    "api_error",
+                    f"internal error; quote trace_id {trace_id} when reporting it",
+                    trace_id,
+                )
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"x-trace-id", trace_id.encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,69 @@
+"""create_app: the FastAPI application, wired from Settings (nothing happens at import time)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from openedits import __version__
+from openedits.api._errors import TraceMiddleware, install_error_handlers
+from openedits.api.routes import edits, files, health, hosted, tasks, web
+from openedits.auth import Authenticator
+from openedits.editing import EditService
+from openedits.engines.base import Engine
+from openedits.runtime import Runtime
+from openedits.settings import Settings
+from openedits.webhooks.sender import CallbackSender
+from openedits.workers.dispatch import Dispatcher, InProcessDispatcher
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    engine: Engine | None = None,
+    dispatcher: Dispatcher | None = None,
+) -> FastAPI:
+    """Build the app. Tests pass a fake engine or dispatcher; `uvicorn --factory` passes nothing
+    and Settings come from the environment."""
+    settings = settings or Settings()
+    rt = runtime or Runtime.build(settings, engine=engine)
+    disp = dispatcher or InProcessDispatcher(rt)
+    rt.bus.subscribe(CallbackSender(rt))
+    service = EditService(rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        info = rt.engine.info()
+        log.info("openedits %s: engine %s on %s, store %s", __version__, info.name,
+                 info.device, rt.db.dialect.name)
+        disp.start()
+        try:
+            yield
+        finally:
+            disp.stop()
+
+    app = FastAPI(
+        title="openedits",
+        version=__version__,
+        summary="A self-hosted image-editing API that speaks the Midjourney Edits API contract.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runtime = rt
+    app.state.service = service
+    app.state.dispatcher = disp
+    install_error_handlers(app)
+    app.add_middleware(TraceMiddleware)
+    for module in (edits, tasks, hosted, files, health, web):
+        app.include_router(module.router)
+    app.mount("/web", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="web")
+    return app

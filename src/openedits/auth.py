@@ -1,0 +1,67 @@
+"""Who is calling: bearer tokens (bootstrap ones from settings, stored ones hashed) and scopes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from openedits.errors import TokenInvalid, TokenMismatched
+from openedits.store.tokens import SCOPES, TokenStore
+
+__all__ = ["Authenticator", "Caller"]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: an owner id for its tasks, and what it may do."""
+
+    token_id: str
+    scopes: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        """Admins see every task."""
+        return "admin" in self.scopes
+
+    def require(self, scope: str) -> None:
+        """Raise TokenMismatched unless this caller holds `scope` (admin holds all)."""
+        if scope not in self.scopes and not self.is_admin:
+            held = ", ".join(sorted(self.scopes)) or "none"
+            raise TokenMismatched(
+                f"this token has scopes [{held}]; this endpoint needs the '{scope}' scope. "
+                f"Create one with: openedits tokens create --scope {scope}"
+            )
+
+
+class Authenticator:
+    """Turns an `authorization` header into a Caller, or raises TokenInvalid."""
+
+    def __init__(self, bootstrap_tokens: list[str], store: TokenStore) -> None:
+        # Bootstrap tokens get a stable owner id derived from the token, so tasks stay
+        # visible to the same token across restarts without storing it.
+        self._bootstrap = {
+            t: "env_" + hashlib.sha256(t.encode()).hexdigest()[:12] for t in bootstrap_tokens
+        }
+        self._store = store
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """Check the header's bearer token."""
+        if not authorization:
+            raise TokenInvalid(
+                "the authorization header is missing; send 'authorization: Bearer <token>'"
+            )
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise TokenInvalid(
+                "the authorization header must be 'Bearer <token>', "
+                f"got a value starting with {authorization.strip()[:10]!r}"
+            )
+        for known, owner in self._bootstrap.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return Caller(token_id=owner, scopes=frozenset(SCOPES))
+        info = self._store.lookup(token)
+        if info is None:
+            raise TokenInvalid("the token is unknown or revoked")
+        return Caller(token_id=info.id, scopes=frozenset(info.scopes))

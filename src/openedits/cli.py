@@ -1,0 +1,132 @@
+"""The `openedits` command: serve, tokens, migrate, and (from the client package) edit."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from openedits.settings import Settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+tokens_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API tokens.")
+app.add_typer(tokens_app, name="tokens")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:
+        typer.echo(f"openedits: bad configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
+) -> None:
+    """Run the API server (with in-process workers unless a broker is configured)."""
+    import uvicorn
+
+    settings = _settings()
+    _configure_logging(settings.log_level)
+    from openedits.api.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema up to date (serve does this on start too)."""
+    from openedits.store.database import create_db_engine
+    from openedits.store.database import migrate as run_migrations
+
+    settings = _settings()
+    engine = create_db_engine(settings.resolved_database_url)
+    run_migrations(engine)
+    typer.echo(f"schema up to date at {engine.url.render_as_string(hide_password=True)}")
+
+
+def _token_store() -> object:
+    from openedits.store.database import create_db_engine
+    from openedits.store.database import migrate as run_migrations
+    from openedits.store.tokens import TokenStore
+
+    engine = create_db_engine(_settings().resolved_database_url)
+    run_migrations(engine)
+    return TokenStore(engine)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Option(help="A label for the token.")] = "default",
+    scope: Annotated[
+        list[str] | None, typer.Option(help="edits, tasks or admin; repeat for several.")
+    ] = None,
+) -> None:
+    """Create a token and print its secret (shown once)."""
+    from openedits.store.tokens import TokenStore
+
+    store = _token_store()
+    assert isinstance(store, TokenStore)
+    try:
+        secret, info = store.create(name, scope or ["edits", "tasks"])
+    except ValueError as exc:
+        typer.echo(f"openedits: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{info.id}\t{','.join(info.scopes)}\t{secret}")
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """List tokens (ids, names, scopes, revoked or not); secrets are never shown again."""
+    from openedits.store.tokens import TokenStore
+
+    store = _token_store()
+    assert isinstance(store, TokenStore)
+    for info in store.list():
+        state = "revoked" if info.revoked_at else "active"
+        typer.echo(f"{info.id}\t{info.name}\t{','.join(info.scopes)}\t{state}")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The tok_… id.")]) -> None:
+    """Revoke a token by id."""
+    from openedits.store.tokens import TokenStore
+
+    store = _token_store()
+    assert isinstance(store, TokenStore)
+    if not store.revoke(token_id):
+        typer.echo(f"openedits: no active token {token_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {token_id}")
+
+
+def _register_client_commands() -> None:
+    try:
+        from openedits.client._command import register
+    except ImportError:
+        return
+    register(app)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    _register_client_commands()
+    app()

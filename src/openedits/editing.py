@@ -1,0 +1,254 @@
+"""EditService: accepting an edit (validate, store, dispatch), waiting for it, and reading tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from typing import Any
+
+from anyio import to_thread
+from pydantic import ValidationError
+
+from openedits._ids import new_task_id
+from openedits._net import NetPolicy, check_url
+from openedits.auth import Authenticator, Caller
+from openedits.errors import (
+    InvalidInput,
+    NotImplementedOnServer,
+    PromptRefused,
+    QueueFull,
+    SyncTimeout,
+    TaskCancelled,
+    describe_value,
+    validation_message,
+)
+from openedits.records import failure_body, task_record
+from openedits.runtime import Runtime
+from openedits.schemas import EditCreate, TasksRequest, TaskState
+from openedits.store.tasks import PRIORITY, NewTask, TaskRow
+from openedits.workers.dispatch import Dispatcher
+from openedits.workers.events import TaskFinished
+
+__all__ = ["EditService", "digest_request"]
+
+_SOURCE_FIELDS = ("image_url", "mask")
+
+
+def _digest(value: str) -> str:
+    """A short stand-in for an inline image: enough to recognise it, not the megabytes."""
+    digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+    if value.startswith("data:"):
+        head = value.split(",", 1)[0]
+        return f"{head},…sha256:{digest} ({len(value)} chars)"
+    return f"base64…sha256:{digest} ({len(value)} chars)"
+
+
+def digest_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as the task record keeps it: inline images replaced by digests."""
+    kept = dict(body)
+    for key in _SOURCE_FIELDS:
+        value = kept.get(key)
+        if isinstance(value, str) and not value.startswith(("http://", "https://")):
+            kept[key] = _digest(value)
+    return kept
+
+
+def _request_hash(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class EditService:
+    """The edit use cases behind the routes; knows nothing of HTTP."""
+
+    def __init__(self, rt: Runtime, dispatcher: Dispatcher, authenticator: Authenticator) -> None:
+        self.rt = rt
+        self.dispatcher = dispatcher
+        self.authenticator = authenticator
+        self._moderation = [
+            re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in rt.settings.moderation_list
+        ]
+
+    # --- submit
+
+    def parse(self, body: dict[str, Any]) -> EditCreate:
+        """Validate a submit body; every refusal names the field, the value and the rule."""
+        action = body.get("action", "generate")
+        if isinstance(action, str) and action != "generate":
+            raise NotImplementedOnServer(
+                f"action {describe_value(action)} is not implemented; "
+                "POST /midjourney/edits serves only action 'generate'"
+            )
+        try:
+            edit = EditCreate.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidInput(validation_message(list(exc.errors()))) from None
+        limit = self.rt.settings.max_prompt_chars
+        if not edit.prompt.strip():
+            raise InvalidInput("prompt is empty; describe what the edited image should show")
+        if len(edit.prompt) > limit:
+            raise InvalidInput(
+                f"prompt is {len(edit.prompt):,} characters; at most {limit:,} are allowed"
+            )
+        for pattern in self._moderation:
+            if pattern.search(edit.prompt):
+                raise PromptRefused(
+                    f"prompt contains {pattern.pattern[2:-2].replace(chr(92), '')!r}, "
+                    "a word this server's moderation list refuses"
+                )
+        if not edit.image_url.startswith(("http://", "https://", "data:")):
+            raise InvalidInput(
+                f"image_url {describe_value(edit.image_url)} is not an http(s) URL or a "
+                "data:image/...;base64, URI"
+            )
+        caps = self.rt.engine.capabilities
+        if caps.needs_mask and edit.mask is None:
+            raise InvalidInput(
+                f"mask is required by the {self.rt.engine.name} engine (it removes what the mask "
+                "covers); send a mask (white = regenerate, black = keep), or configure a "
+                "diffusion model with OPENEDITS_DIFFUSERS_MODEL to edit from the prompt alone"
+            )
+        if edit.callback_url is not None:
+            check_url(
+                edit.callback_url,
+                field="callback_url",
+                policy=NetPolicy.from_settings(self.rt.settings),
+            )
+        return edit
+
+    def submit(
+        self,
+        body: dict[str, Any],
+        caller: Caller,
+        *,
+        trace_id: str,
+        base_url: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[TaskRow, EditCreate]:
+        """Accept an edit: store it pending, then hand it to the dispatcher.
+
+        With an Idempotency-Key, a retry of the same body returns the first task; the same
+        key with another body is refused, so a client bug cannot silently drop an edit.
+        """
+        caller.require("edits")
+        edit = self.parse(body)
+        store = self.rt.store
+        request_hash = _request_hash(body)
+        if idempotency_key is not None:
+            if len(idempotency_key) > 255:
+                raise InvalidInput("the Idempotency-Key header is over 255 characters")
+            existing = store.get_by_idempotency_key(caller.token_id, idempotency_key)
+            if existing is not None:
+                return self._same_request(existing, request_hash, idempotency_key), edit
+        if store.count_active() >= self.rt.settings.queue_max:
+            raise QueueFull(
+                f"the queue holds {self.rt.settings.queue_max} tasks, its limit; retry later",
+                retry_after=5,
+            )
+        new = NewTask(
+            id=new_task_id(),
+            owner=caller.token_id,
+            trace_id=trace_id,
+            request=digest_request(body),
+            priority=PRIORITY[edit.mode],
+            base_url=self.rt.settings.public_url or base_url,
+            callback_url=edit.callback_url,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        try:
+            row = store.create(new, body)
+        except Exception as exc:
+            if idempotency_key is None or not store.is_duplicate_key_error(exc):
+                raise
+            # A concurrent retry with the same key won the insert; answer with its task.
+            existing = store.get_by_idempotency_key(caller.token_id, idempotency_key)
+            if existing is None:
+                raise
+            return self._same_request(existing, request_hash, idempotency_key), edit
+        self.dispatcher.submit(row.id, row.priority)
+        return row, edit
+
+    @staticmethod
+    def _same_request(existing: TaskRow, request_hash: str, key: str) -> TaskRow:
+        if existing.request_hash != request_hash:
+            raise InvalidInput(
+                f"Idempotency-Key {describe_value(key)} was already used for task {existing.id} "
+                "with a different body; use a new key for a new edit"
+            )
+        return existing
+
+    async def wait(self, task_id: str, timeout: float) -> TaskRow:
+        """Hold until the task ends. Events wake the waiter at once; a slow poll of the store
+        covers tasks run by workers in other processes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with self.rt.bus.watch(task_id) as watch:
+            while True:
+                row = await to_thread.run_sync(self.rt.store.get, task_id)
+                if row is None:
+                    raise InvalidInput(f"task {task_id} vanished")
+                if row.state.is_terminal():
+                    return row
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise SyncTimeout(
+                        f"task {task_id} did not finish within {timeout:.0f} s; it goes on: "
+                        "poll POST /midjourney/tasks with this id, or submit with async: true"
+                    )
+                await watch.next(min(remaining, 1.0))
+
+    # --- tasks
+
+    def retrieve(self, caller: Caller, request: TasksRequest) -> dict[str, Any]:
+        """One record by id or trace_id, or {} when there is none the caller may see."""
+        caller.require("tasks")
+        owner = None if caller.is_admin else caller.token_id
+        if request.id is not None:
+            row = self.rt.store.get(request.id, owner=owner)
+        elif request.trace_id is not None:
+            row = self.rt.store.get_by_trace(request.trace_id, owner=owner)
+        else:
+            raise InvalidInput("retrieve needs `id` (a task id) or `trace_id`")
+        return task_record(row) if row else {}
+
+    def retrieve_batch(self, caller: Caller, request: TasksRequest) -> dict[str, Any]:
+        """A page of records: by ids, by trace_ids, or the caller's most recent."""
+        caller.require("tasks")
+        owner = None if caller.is_admin else caller.token_id
+        rows, count = self.rt.store.list(
+            owner=owner,
+            ids=request.ids,
+            trace_ids=request.trace_ids,
+            offset=request.offset,
+            limit=request.limit,
+        )
+        return {"items": [task_record(r) for r in rows], "count": count}
+
+    def cancel(self, caller: Caller, request: TasksRequest) -> dict[str, Any]:
+        """Stop a task: a pending one at once, a running one at its next engine step."""
+        caller.require("tasks")
+        if request.id is None:
+            raise InvalidInput("cancel needs `id`, the task id to cancel")
+        owner = None if caller.is_admin else caller.token_id
+        row = self.rt.store.get(request.id, owner=owner)
+        if row is None:
+            return {}
+        if row.state is TaskState.pending:
+            self._cancel_pending(row)
+        elif row.state is TaskState.running:
+            self.rt.store.request_cancel(row.id)
+        updated = self.rt.store.get(row.id)
+        return task_record(updated) if updated else {}
+
+    def _cancel_pending(self, row: TaskRow) -> None:
+        error = TaskCancelled("the task was cancelled before it started")
+        body = failure_body(row.id, row.trace_id, error)
+        if self.rt.store.finish(row.id, TaskState.cancelled, body, error_status=error.status_code):
+            self.rt.store.drop_payload(row.id)
+            self.rt.bus.publish(TaskFinished(row.id, TaskState.cancelled))
+        elif (current := self.rt.store.get(row.id)) and current.state is TaskState.running:
+            # A worker claimed it between our read and our write: stop it at its next step.
+            self.rt.store.request_cancel(row.id)

@@ -1,0 +1,91 @@
+"""The Runtime: the wired-up parts one process uses (store, blobs, engine, fetcher, events)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+from sqlalchemy import Engine as DBEngine
+
+from openedits._net import NetPolicy
+from openedits.blobs import Blobs, create_blobs
+from openedits.engines.base import Engine
+from openedits.engines.registry import build_engine
+from openedits.imaging.fetch import Fetcher
+from openedits.settings import Settings
+from openedits.store.database import create_db_engine, migrate
+from openedits.store.tasks import TaskStore
+from openedits.store.tokens import KeyValueStore, TokenStore
+from openedits.workers.events import EventBus
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything a task needs, built once per process and passed down explicitly."""
+
+    settings: Settings
+    db: DBEngine
+    store: TaskStore
+    tokens: TokenStore
+    kv: KeyValueStore
+    blobs: Blobs
+    engine: Engine
+    fetcher: Fetcher
+    bus: EventBus
+    clock: Callable[[], float] = time.time
+    # One engine job at a time per device: a second job would only fight for the same memory.
+    device_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        blobs: Blobs | None = None,
+        fetch_transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Runtime:
+        """Connect, migrate and wire the parts; nothing here runs at import time."""
+        db = create_db_engine(settings.resolved_database_url)
+        migrate(db)
+        return cls(
+            settings=settings,
+            db=db,
+            store=TaskStore(db, clock=clock),
+            tokens=TokenStore(db, clock=clock),
+            kv=KeyValueStore(db),
+            blobs=blobs or create_blobs(settings.blobs_url, settings.files_dir),
+            engine=engine or build_engine(settings),
+            fetcher=Fetcher(NetPolicy.from_settings(settings), transport=fetch_transport),
+            bus=EventBus(),
+            clock=clock,
+        )
+
+    def webhook_secret(self) -> str:
+        """The `whsec_` secret callbacks are signed with: the configured one, else one generated
+        on first use and kept in the store so every process and restart signs alike."""
+        if self.settings.webhook_secret:
+            return self.settings.webhook_secret
+        return self.kv.get_or_create(
+            "webhook_secret", lambda: "whsec_" + _b64(secrets.token_bytes(32))
+        )
+
+    def close(self) -> None:
+        """Release the database pool."""
+        self.db.dispose()
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()

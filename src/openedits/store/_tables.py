@@ -1,0 +1,78 @@
+"""The SQL tables of the task store, declared once for the ORM-free core and for Alembic."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+__all__ = ["kv", "metadata", "task_payloads", "tasks", "tokens"]
+
+metadata = MetaData()
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("trace_id", String(36), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("request", JSON, nullable=False),
+    Column("response", JSON, nullable=True),
+    Column("error_status", Integer, nullable=True),
+    Column("progress", Integer, nullable=False, default=0),
+    Column("base_url", Text, nullable=False),
+    Column("callback_url", Text, nullable=True),
+    Column("seeds", JSON, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    UniqueConstraint("owner", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
+    Index("ix_tasks_queue", "state", "priority", "created_at"),
+    Index("ix_tasks_owner_created", "owner", "created_at"),
+    Index("ix_tasks_trace_id", "trace_id"),
+)
+
+# The submit body exactly as sent (data: URIs inline), kept apart from `tasks` so listing
+# tasks never drags megabytes of base64 along; deleted when the task ends.
+task_payloads = Table(
+    "task_payloads",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("body", JSON, nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("scopes", String(255), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+kv = Table(
+    "kv",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)

@@ -1,0 +1,363 @@
+"""TaskStore: tasks in SQL, with leases, and every state change through one guarded transition."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from openedits.schemas import TaskState
+from openedits.store._tables import task_payloads, tasks
+
+__all__ = ["PRIORITY", "NewTask", "TaskRow", "TaskStore"]
+
+PRIORITY = {"turbo": 0, "fast": 1, "relax": 2}
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """What the API knows about a task when it accepts it."""
+
+    id: str
+    owner: str
+    trace_id: str
+    request: dict[str, Any]
+    priority: int
+    base_url: str
+    callback_url: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """A snapshot of one task row."""
+
+    id: str
+    owner: str
+    trace_id: str
+    state: TaskState
+    priority: int
+    request: dict[str, Any]
+    response: dict[str, Any] | None
+    error_status: int | None
+    progress: int
+    base_url: str
+    callback_url: str | None
+    seeds: list[int] | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    attempts: int
+    cancel_requested: bool
+    idempotency_key: str | None
+    request_hash: str | None
+
+    @classmethod
+    def from_mapping(cls, m: Any) -> TaskRow:
+        """Build from a SQLAlchemy row mapping."""
+        values = dict(m)
+        values["state"] = TaskState(values["state"])
+        return cls(**values)
+
+
+class TaskStore:
+    """Tasks in a SQL database. Thread-safe; every method is one short transaction."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    # --- creating and reading
+
+    def create(self, new: NewTask, payload: dict[str, Any]) -> TaskRow:
+        """Insert a pending task and its full submit body, in one transaction; an
+        (owner, idempotency_key) clash raises IntegrityError."""
+        values = {
+            "id": new.id,
+            "owner": new.owner,
+            "trace_id": new.trace_id,
+            "state": TaskState.pending.value,
+            "priority": new.priority,
+            "request": new.request,
+            "response": None,
+            "error_status": None,
+            "progress": 0,
+            "base_url": new.base_url,
+            "callback_url": new.callback_url,
+            "seeds": None,
+            "created_at": self.clock(),
+            "attempts": 0,
+            "cancel_requested": False,
+            "idempotency_key": new.idempotency_key,
+            "request_hash": new.request_hash,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(insert(tasks).values(**values))
+            conn.execute(insert(task_payloads).values(task_id=new.id, body=payload))
+        row = self.get(new.id)
+        assert row is not None
+        return row
+
+    def get(self, task_id: str, *, owner: str | None = None) -> TaskRow | None:
+        """The task, or None when it does not exist or belongs to another owner."""
+        query = select(tasks).where(tasks.c.id == task_id)
+        if owner is not None:
+            query = query.where(tasks.c.owner == owner)
+        with self.engine.connect() as conn:
+            m = conn.execute(query).mappings().first()
+        return TaskRow.from_mapping(m) if m else None
+
+    def payload(self, task_id: str) -> dict[str, Any] | None:
+        """The submit body as sent, while the task has not ended."""
+        query = select(task_payloads.c.body).where(task_payloads.c.task_id == task_id)
+        with self.engine.connect() as conn:
+            body = conn.execute(query).scalar_one_or_none()
+        return dict(body) if body is not None else None
+
+    def drop_payload(self, task_id: str) -> None:
+        """Forget the inputs of an ended task: the client's images are kept no longer than needed."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(task_payloads).where(task_payloads.c.task_id == task_id))
+
+    def get_by_trace(self, trace_id: str, *, owner: str | None = None) -> TaskRow | None:
+        """The task a submit with this trace id created."""
+        query = select(tasks).where(tasks.c.trace_id == trace_id)
+        if owner is not None:
+            query = query.where(tasks.c.owner == owner)
+        with self.engine.connect() as conn:
+            m = conn.execute(query.limit(1)).mappings().first()
+        return TaskRow.from_mapping(m) if m else None
+
+    def get_by_idempotency_key(self, owner: str, key: str) -> TaskRow | None:
+        """The task an earlier submit with this key and owner created."""
+        query = select(tasks).where(tasks.c.owner == owner, tasks.c.idempotency_key == key)
+        with self.engine.connect() as conn:
+            m = conn.execute(query).mappings().first()
+        return TaskRow.from_mapping(m) if m else None
+
+    def list(
+        self,
+        *,
+        owner: str | None,
+        ids: Sequence[str] | None = None,
+        trace_ids: Sequence[str] | None = None,
+        offset: int = 0,
+        limit: int = 12,
+    ) -> tuple[list[TaskRow], int]:
+        """A page of tasks, newest first, and the total that match."""
+        conditions = []
+        if owner is not None:
+            conditions.append(tasks.c.owner == owner)
+        if ids is not None:
+            conditions.append(tasks.c.id.in_(list(ids)))
+        if trace_ids is not None:
+            conditions.append(tasks.c.trace_id.in_(list(trace_ids)))
+        where = and_(True, *conditions)
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(tasks).where(where)).scalar_one()
+            rows = conn.execute(
+                select(tasks)
+                .where(where)
+                .order_by(tasks.c.created_at.desc(), tasks.c.id)
+                .offset(offset)
+                .limit(limit)
+            ).mappings()
+            return [TaskRow.from_mapping(m) for m in rows], int(total)
+
+    def count_active(self) -> int:
+        """Tasks pending or running: the queue's depth."""
+        states = [TaskState.pending.value, TaskState.running.value]
+        with self.engine.connect() as conn:
+            query = select(func.count()).select_from(tasks).where(tasks.c.state.in_(states))
+            return int(conn.execute(query).scalar_one())
+
+    # --- the one guarded transition
+
+    def _transition(
+        self,
+        task_id: str,
+        *,
+        from_states: Sequence[TaskState],
+        values: dict[str, Any],
+        lease_owner: str | None = None,
+    ) -> bool:
+        """Apply `values` only if the task is in one of `from_states` (and, when given, still
+        leased by `lease_owner`). The WHERE clause makes the check and the write one atomic step,
+        so no path (a late worker, a second process) can move a task out of a terminal state."""
+        conditions = [tasks.c.id == task_id, tasks.c.state.in_([s.value for s in from_states])]
+        if lease_owner is not None:
+            conditions.append(tasks.c.lease_owner == lease_owner)
+        with self.engine.begin() as conn:
+            result = conn.execute(update(tasks).where(*conditions).values(**values))
+            return result.rowcount == 1
+
+    # --- workers
+
+    def claim_next(self, worker_id: str, lease_seconds: float) -> TaskRow | None:
+        """Take the most urgent pending task (turbo, fast, relax; oldest first) under a lease."""
+        for _ in range(20):
+            query = (
+                select(tasks.c.id)
+                .where(tasks.c.state == TaskState.pending.value)
+                .order_by(tasks.c.priority, tasks.c.created_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            with self.engine.connect() as conn:
+                task_id = conn.execute(query).scalar_one_or_none()
+            if task_id is None:
+                return None
+            if self.claim(task_id, worker_id, lease_seconds):
+                return self.get(task_id)
+        return None
+
+    def claim(self, task_id: str, worker_id: str, lease_seconds: float) -> bool:
+        """Take one pending task under a lease; False if it is no longer pending."""
+        now = self.clock()
+        return self._transition(
+            task_id,
+            from_states=[TaskState.pending],
+            values={
+                "state": TaskState.running.value,
+                "started_at": now,
+                "lease_owner": worker_id,
+                "lease_expires_at": now + lease_seconds,
+                "attempts": tasks.c.attempts + 1,
+            },
+        )
+
+    def heartbeat(self, task_id: str, worker_id: str, lease_seconds: float) -> bool:
+        """Extend the lease; False when the worker lost it (requeued or ended elsewhere)."""
+        return self._transition(
+            task_id,
+            from_states=[TaskState.running],
+            values={"lease_expires_at": self.clock() + lease_seconds},
+            lease_owner=worker_id,
+        )
+
+    def set_progress(
+        self, task_id: str, worker_id: str, progress: int, lease_seconds: float
+    ) -> bool:
+        """Record progress (0..99 while running) and extend the lease in the same write."""
+        return self._transition(
+            task_id,
+            from_states=[TaskState.running],
+            values={
+                "progress": max(0, min(99, progress)),
+                "lease_expires_at": self.clock() + lease_seconds,
+            },
+            lease_owner=worker_id,
+        )
+
+    def set_seeds(self, task_id: str, seeds: list[int]) -> None:
+        """Record the per-variant seeds, so an edit can be reproduced."""
+        with self.engine.begin() as conn:
+            conn.execute(update(tasks).where(tasks.c.id == task_id).values(seeds=seeds))
+
+    def finish(
+        self,
+        task_id: str,
+        state: TaskState,
+        response: dict[str, Any],
+        *,
+        error_status: int | None = None,
+        worker_id: str | None = None,
+    ) -> bool:
+        """End a task. From running only by its lease holder; a pending task may be ended
+        directly (cancel, or a failure found before it ran)."""
+        if not state.is_terminal():
+            raise ValueError(f"finish needs a terminal state, not {state.value}")
+        now = self.clock()
+        values = {
+            "state": state.value,
+            "response": response,
+            "error_status": error_status,
+            "progress": 100 if state is TaskState.succeeded else None,
+            "finished_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if values["progress"] is None:
+            del values["progress"]
+        from_states = [TaskState.running] if worker_id else [TaskState.pending, TaskState.running]
+        return self._transition(task_id, from_states=from_states, values=values, lease_owner=worker_id)
+
+    def request_cancel(self, task_id: str) -> bool:
+        """Flag a running task for cancellation at its next engine step."""
+        return self._transition(
+            task_id, from_states=[TaskState.running], values={"cancel_requested": True}
+        )
+
+    def cancel_requested(self, task_id: str) -> bool:
+        """True when the task was asked to stop, or has already ended."""
+        query = select(tasks.c.cancel_requested, tasks.c.state).where(tasks.c.id == task_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return True
+        return bool(row[0]) or TaskState(row[1]).is_terminal()
+
+    def requeue_expired(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Send tasks whose lease ran out (their worker died) back to pending.
+
+        Returns (requeued ids, ids left for the caller to fail because they used up
+        `max_attempts`: a task that kills its worker every time must not loop forever)."""
+        now = self.clock()
+        expired = and_(
+            tasks.c.state == TaskState.running.value,
+            or_(tasks.c.lease_expires_at.is_(None), tasks.c.lease_expires_at < now),
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(tasks.c.id, tasks.c.attempts).where(expired)).all()
+        requeued: list[str] = []
+        exhausted: list[str] = []
+        for task_id, attempts in rows:
+            if attempts >= max_attempts:
+                exhausted.append(task_id)
+                continue
+            if self._transition(
+                task_id,
+                from_states=[TaskState.running],
+                values={
+                    "state": TaskState.pending.value,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "started_at": None,
+                    "progress": 0,
+                },
+            ):
+                requeued.append(task_id)
+        return requeued, exhausted
+
+    def fail_expired(self, task_id: str, response: dict[str, Any], error_status: int) -> bool:
+        """Fail a running task whose lease expired after its last allowed attempt."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.id == task_id,
+                    tasks.c.state == TaskState.running.value,
+                    or_(tasks.c.lease_expires_at.is_(None), tasks.c.lease_expires_at < now),
+                )
+                .values(
+                    state=TaskState.failed.value,
+                    response=response,
+                    error_status=error_status,
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            return result.rowcount == 1
+
+    def is_duplicate_key_error(self, error: Exception) -> bool:
+        """True when an insert failed on the idempotency key's unique constraint."""
+        return isinstance(error, IntegrityError)
