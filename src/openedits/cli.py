@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from openedits.settings import Settings
+
+if TYPE_CHECKING:
+    from openedits.store.tokens import TokenStore
 
 __all__ = ["app", "main"]
 
@@ -63,7 +66,7 @@ def migrate() -> None:
     typer.echo(f"schema up to date at {engine.url.render_as_string(hide_password=True)}")
 
 
-def _token_store() -> object:
+def _token_store() -> TokenStore:
     from openedits.store.database import create_db_engine
     from openedits.store.database import migrate as run_migrations
     from openedits.store.tokens import TokenStore
@@ -81,10 +84,7 @@ def tokens_create(
     ] = None,
 ) -> None:
     """Create a token and print its secret (shown once)."""
-    from openedits.store.tokens import TokenStore
-
     store = _token_store()
-    assert isinstance(store, TokenStore)
     try:
         secret, info = store.create(name, scope or ["edits", "tasks"])
     except ValueError as exc:
@@ -96,10 +96,7 @@ def tokens_create(
 @tokens_app.command("list")
 def tokens_list() -> None:
     """List tokens (ids, names, scopes, revoked or not); secrets are never shown again."""
-    from openedits.store.tokens import TokenStore
-
     store = _token_store()
-    assert isinstance(store, TokenStore)
     for info in store.list():
         state = "revoked" if info.revoked_at else "active"
         typer.echo(f"{info.id}\t{info.name}\t{','.join(info.scopes)}\t{state}")
@@ -108,10 +105,7 @@ def tokens_list() -> None:
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The tok_… id.")]) -> None:
     """Revoke a token by id."""
-    from openedits.store.tokens import TokenStore
-
     store = _token_store()
-    assert isinstance(store, TokenStore)
     if not store.revoke(token_id):
         typer.echo(f"openedits: no active token {token_id!r}", err=True)
         raise typer.Exit(1)
