@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,19 +245,23 @@ class LiveServer:
     data_dir: Path
 
 
-def serve(data_dir: Path) -> Iterator[LiveServer]:
+@contextmanager
+def serve(data_dir: Path, **overrides: Any) -> Iterator[LiveServer]:
+    """The real app, engine opencv, served by uvicorn in a thread on a free loopback port."""
     import uvicorn
 
     from openedits.api.app import create_app
     from openedits.settings import Settings
 
-    settings = Settings(
-        data_dir=data_dir,
-        api_tokens=TOKEN,
-        allow_private_urls=True,
-        engine="opencv",
-        rate_limit="10000/minute",
-    )
+    options: dict[str, Any] = {
+        "data_dir": data_dir,
+        "api_tokens": TOKEN,
+        "allow_private_urls": True,
+        "engine": "opencv",
+        "rate_limit": "10000/minute",
+        **overrides,
+    }
+    settings = Settings(**options)
     app = create_app(settings)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -33,7 +33,8 @@ def fake() -> FakeServer:
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The real app, engine opencv, served by uvicorn on a free loopback port for this module."""
-    yield from serve(tmp_path_factory.mktemp("openedits-data"))
+    with serve(tmp_path_factory.mktemp("openedits-data")) as live:
+        yield live
 
 
 @pytest.fixture

@@ -6,11 +6,17 @@ import base64
 import hashlib
 import hmac
 import json
+import queue
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from openedits.client import WebhookVerificationError, verify_webhook
+from openedits.client import Client, WebhookVerificationError, verify_webhook
+from tests.client.client_support import TOKEN, mask_bytes, png_bytes, serve
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 BODY = json.dumps({"success": True, "task_id": "t1", "progress": 100}).encode()
@@ -73,3 +79,63 @@ def test_a_non_object_body_and_an_empty_secret_are_refused() -> None:
         verify_webhook(b"[1]", signed(b"[1]"), SECRET)
     with pytest.raises(WebhookVerificationError, match="secret"):
         verify_webhook(BODY, signed(), "whsec_")
+
+
+# --- end to end: a real callback from the served app -------------------------------------------
+
+
+class Receiver(ThreadingHTTPServer):
+    """A loopback endpoint that records each POST (headers, raw body) and answers 204."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                outer.received.put(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # keep test output clean
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_real_callback_verifies_and_a_forged_one_does_not(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    with serve(tmp_path / "data", webhook_secret=SECRET, webhook_poll_seconds=0.05) as live:
+        with Client(base_url=live.url, token=TOKEN) as client:
+            task_id = client.submit(png_bytes(), "x", mask=mask_bytes(), callback_url=receiver.url)
+        final = None
+        deadline = time.monotonic() + 60
+        while final is None:
+            headers, raw = receiver.received.get(timeout=max(0.1, deadline - time.monotonic()))
+            body = verify_webhook(raw, headers, SECRET)
+            assert body["task_id"] == task_id
+            if body.get("success") is True and body.get("image_url"):
+                final = (headers, raw, body)
+        headers, raw, body = final
+        assert body["progress"] == 100 and body["image_url"].endswith("/grid.png")
+        with pytest.raises(WebhookVerificationError):
+            verify_webhook(raw.replace(b"grid.png", b"evil.png"), headers, SECRET)

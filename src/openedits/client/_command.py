@@ -87,7 +87,7 @@ def edit(
         typer.Option(
             "--out",
             "-o",
-            help="Folder for grid.png and the variants [default: openedits-out/<task id>].",
+            help="Folder for grid.png and the variants (default: openedits-out/<task id>).",
             file_okay=False,
         ),
     ] = None,
@@ -95,7 +95,7 @@ def edit(
         bool, typer.Option("--split", help="Also fetch the four variants as separate files.")
     ] = False,
     mode: Annotated[
-        Mode | None, typer.Option("--mode", help="Speed tier [server default: fast].")
+        Mode | None, typer.Option("--mode", help="Speed tier (the server's default is fast).")
     ] = None,
     # The library reads no environment (only openedits.settings does); these two options are
     # the command line's, and click resolves their `envvar` before any openedits code runs.
