@@ -25,14 +25,30 @@ if TYPE_CHECKING:
 __all__ = ["OpenCVEngine"]
 
 # Four genuinely different fills: both of OpenCV's algorithms (Telea's fast marching and
-# Navier-Stokes), each with a tight and a wide neighbourhood. A wide radius pulls colour
-# from further away, which reads as a smoother, blurrier fill.
+# Navier-Stokes), each at full resolution (sharp, local) and at a quarter of it (pulling colour
+# from four times further away, which reads as a smoother fill). The coarse passes replace a
+# wide radius: inpainting cost grows with the radius squared, so radius 15 at full size costs
+# about 25x radius 3, while radius 3 at quarter size costs less than the full-size pass.
 _VARIANTS = (
-    (cv2.INPAINT_TELEA, 3),
-    (cv2.INPAINT_NS, 3),
-    (cv2.INPAINT_TELEA, 15),
-    (cv2.INPAINT_NS, 15),
+    (cv2.INPAINT_TELEA, 1),
+    (cv2.INPAINT_NS, 1),
+    (cv2.INPAINT_TELEA, 4),
+    (cv2.INPAINT_NS, 4),
 )
+_RADIUS = 3
+
+
+def _inpaint(bgr: np.ndarray, mask: np.ndarray, algorithm: int, scale: int) -> np.ndarray:
+    """Inpaint at 1/scale of the size; the fill is brought back to full size."""
+    if scale == 1:
+        return cv2.inpaint(bgr, mask, _RADIUS, algorithm)
+    h, w = mask.shape
+    small_size = (max(1, w // scale), max(1, h // scale))
+    small = cv2.resize(bgr, small_size, interpolation=cv2.INTER_AREA)
+    # Any coverage marks a small pixel as masked, so no masked colour leaks into the fill.
+    small_mask = (cv2.resize(mask, small_size, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    filled = cv2.inpaint(small, small_mask * 255, _RADIUS, algorithm)
+    return cv2.resize(filled, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
 class OpenCVEngine:
@@ -91,8 +107,8 @@ class OpenCVEngine:
         for i in range(n):
             if should_cancel():
                 raise TaskCancelled("the task was cancelled")
-            algorithm, radius = _VARIANTS[i % len(_VARIANTS)]
-            filled = cv2.inpaint(bgr, m, radius, algorithm)[:, :, ::-1]
+            algorithm, scale = _VARIANTS[i % len(_VARIANTS)]
+            filled = _inpaint(bgr, m, algorithm, scale)[:, :, ::-1]
             if i >= len(_VARIANTS):
                 rng = np.random.default_rng(seed + i)
                 grain = rng.integers(-6, 7, size=filled.shape, dtype=np.int16)

@@ -1,0 +1,89 @@
+"""End-to-end sync latency of a 512 px edit against the engine's own compute for it.
+
+Runs a real openedits server (uvicorn on loopback, the opencv engine, SQLite in a temp dir),
+sends N synchronous edits over HTTP, and, in the same run, times `engine.edit()` alone on the
+same image and mask. Prints both and their ratio (goal: <= 1.15).
+
+    .venv/bin/python bench/edit_latency.py [--n 10] [--size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from openedits.api.app import create_app  # noqa: E402
+from openedits.engines.opencv import OpenCVEngine  # noqa: E402
+from openedits.settings import Settings  # noqa: E402
+from tests.engines.contract import make_test_image, make_test_mask  # noqa: E402
+from tests.servers import free_port  # noqa: E402
+
+
+def _data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+
+    size = (args.size, args.size)
+    image, mask = make_test_image(size), make_test_mask(size)
+    engine = OpenCVEngine()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=Path(tmp), api_tokens="bench", log_level="WARNING")
+        app = create_app(settings, engine=engine)
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        body = {"image_url": _data_uri(image), "mask": _data_uri(mask), "prompt": "bench",
+                "split_images": True}
+        headers = {"authorization": "Bearer bench"}
+        end_to_end: list[float] = []
+        compute: list[float] = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            client.post("/midjourney/edits", json=body, headers=headers).raise_for_status()
+            for _ in range(args.n):
+                # Interleave the two measurements so drift on the machine hits both alike.
+                t0 = time.perf_counter()
+                engine.edit(image, mask, "bench", n=4, seed=0, preset="fast")
+                compute.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                r = client.post("/midjourney/edits", json=body, headers=headers)
+                end_to_end.append(time.perf_counter() - t0)
+                r.raise_for_status()
+        server.should_exit = True
+        thread.join(10)
+
+    e2e, eng = statistics.median(end_to_end), statistics.median(compute)
+    print(f"image {args.size}x{args.size}, 4 variants, n={args.n} (medians)")
+    print(f"  engine compute alone : {eng * 1000:8.1f} ms")
+    print(f"  end-to-end sync HTTP : {e2e * 1000:8.1f} ms")
+    print(f"  overhead             : {(e2e - eng) * 1000:8.1f} ms")
+    print(f"  ratio e2e / compute  : {e2e / eng:8.3f}   (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
