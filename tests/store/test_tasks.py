@@ -1,0 +1,127 @@
+"""TaskStore: guarded transitions, leases, requeue of dead workers, and migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from openedits.schemas import TaskState
+from openedits.store.database import create_db_engine, migrate
+from openedits.store.tasks import NewTask, TaskStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> TaskStore:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    return TaskStore(engine, clock=clock)
+
+
+def _new(i: int, priority: int = 1) -> NewTask:
+    return NewTask(id=f"{i:08d}-0000-0000-0000-000000000000", owner="o", trace_id=f"t{i}",
+                   request={"prompt": "x"}, priority=priority, base_url="http://h/")
+
+
+def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.sqlite'}")
+    migrate(engine)
+    migrate(engine)
+    tables = set(inspect(engine).get_table_names())
+    assert {"tasks", "task_payloads", "tokens", "kv", "alembic_version"} <= tables
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_claim_order_is_priority_then_age(store: TaskStore, clock: Clock) -> None:
+    for i, priority in enumerate([2, 1, 0, 1]):
+        clock.now += 1
+        store.create(_new(i, priority), {"p": i})
+    order = [store.claim_next("w", 30).id[:8] for _ in range(4)]
+    assert order == ["00000002", "00000001", "00000003", "00000000"]
+    assert store.claim_next("w", 30) is None
+
+
+def test_terminal_states_never_change(store: TaskStore) -> None:
+    row = store.create(_new(1), {})
+    assert store.claim(row.id, "w", 30)
+    assert store.finish(row.id, TaskState.cancelled, {"success": False})
+    assert not store.finish(row.id, TaskState.succeeded, {"success": True}, worker_id="w")
+    assert not store.finish(row.id, TaskState.failed, {"success": False})
+    assert not store.claim(row.id, "w2", 30)
+    assert store.get(row.id).state is TaskState.cancelled
+
+
+def test_only_the_lease_holder_finishes(store: TaskStore) -> None:
+    row = store.create(_new(1), {})
+    store.claim(row.id, "w1", 30)
+    assert not store.finish(row.id, TaskState.succeeded, {}, worker_id="w2")
+    assert not store.heartbeat(row.id, "w2", 30)
+    assert store.finish(row.id, TaskState.succeeded, {"success": True}, worker_id="w1")
+    assert store.get(row.id).progress == 100
+
+
+def test_expired_lease_requeues_then_gives_up(store: TaskStore, clock: Clock) -> None:
+    row = store.create(_new(1), {})
+    for attempt in range(1, 4):
+        assert store.claim_next(f"w{attempt}", 10).id == row.id
+        clock.now += 5
+        assert store.requeue_expired(max_attempts=3) == ([], [])  # lease still live
+        clock.now += 6
+        requeued, exhausted = store.requeue_expired(max_attempts=3)
+        if attempt < 3:
+            assert requeued == [row.id] and exhausted == []
+            assert store.get(row.id).state is TaskState.pending
+        else:
+            assert requeued == [] and exhausted == [row.id]
+    assert store.fail_expired(row.id, {"success": False}, 500)
+    assert store.get(row.id).state is TaskState.failed
+    # A worker that wakes up late cannot finish what was given up.
+    assert not store.finish(row.id, TaskState.succeeded, {}, worker_id="w3")
+
+
+def test_heartbeat_keeps_a_slow_task(store: TaskStore, clock: Clock) -> None:
+    row = store.create(_new(1), {})
+    store.claim_next("w", 10)
+    for _ in range(5):
+        clock.now += 8
+        assert store.heartbeat(row.id, "w", 10)
+        assert store.requeue_expired(3) == ([], [])
+
+
+def test_cancel_flag_and_payload_lifecycle(store: TaskStore) -> None:
+    row = store.create(_new(1), {"image_url": "data:..."})
+    assert store.payload(row.id) == {"image_url": "data:..."}
+    assert not store.request_cancel(row.id)  # only running tasks take the flag
+    store.claim(row.id, "w", 30)
+    assert not store.cancel_requested(row.id)
+    assert store.request_cancel(row.id)
+    assert store.cancel_requested(row.id)
+    store.drop_payload(row.id)
+    assert store.payload(row.id) is None
+
+
+def test_page_filters_and_counts(store: TaskStore, clock: Clock) -> None:
+    for i in range(5):
+        clock.now += 1
+        store.create(_new(i), {})
+    rows, total = store.page(owner="o", offset=1, limit=2)
+    assert total == 5 and [r.id[:8] for r in rows] == ["00000003", "00000002"]
+    rows, total = store.page(owner="other")
+    assert (rows, total) == ([], 0)
+    rows, total = store.page(owner=None, trace_ids=["t1", "t4"])
+    assert total == 2
