@@ -169,3 +169,18 @@ def serve_receiver(on_request: Callable[[Received], None] | None = None) -> Iter
     finally:
         server.shutdown()
         server.server_close()
+
+
+class FakeClock:
+    """A clock for code that takes `clock: Callable[[], float]`: it stands still until told.
+
+    It starts at the real time, so timestamps it stamps (webhook signatures) still verify."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -112,6 +112,22 @@ def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The tok_… id."
     typer.echo(f"revoked {token_id}")
 
 
+@app.command("webhook-secret")
+def webhook_secret() -> None:
+    """Print the `whsec_` secret callbacks are signed with (generated and kept on first use),
+    for the receivers' Standard Webhooks verification."""
+    from openedits.engines.registry import build_engine
+    from openedits.runtime import Runtime
+
+    settings = _settings()
+    # Any engine will do: only the store is used, and opencv is cheap to construct.
+    rt = Runtime.build(settings, engine=build_engine(settings, "opencv"))
+    try:
+        typer.echo(rt.webhook_secret())
+    finally:
+        rt.close()
+
+
 def _register_client_commands() -> None:
     try:
         from openedits.client._command import register

@@ -11,13 +11,14 @@ from fastapi.staticfiles import StaticFiles
 
 from openedits import __version__
 from openedits.api._errors import TraceMiddleware, install_error_handlers
-from openedits.api.routes import edits, files, health, hosted, tasks, web
+from openedits.api.routes import edits, files, health, hosted, tasks, web, webhooks
 from openedits.auth import Authenticator
 from openedits.editing import EditService
 from openedits.engines.base import Engine
+from openedits.ratelimit import RateLimitMiddleware
 from openedits.runtime import Runtime
 from openedits.settings import Settings
-from openedits.webhooks.sender import CallbackSender
+from openedits.webhooks.delivery import DeliveryLoop
 from openedits.workers.dispatch import Dispatcher, InProcessDispatcher
 
 __all__ = ["create_app"]
@@ -37,7 +38,8 @@ def create_app(
     settings = settings or Settings()
     rt = runtime or Runtime.build(settings, engine=engine)
     disp = dispatcher or InProcessDispatcher(rt)
-    rt.bus.subscribe(CallbackSender(rt))
+    deliveries = DeliveryLoop.from_runtime(rt)
+    rt.bus.subscribe(deliveries)  # a finished task wakes the loop: callbacks leave at once
     service = EditService(rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens))
 
     @asynccontextmanager
@@ -46,10 +48,12 @@ def create_app(
         log.info("openedits %s: engine %s on %s, store %s", __version__, info.name,
                  info.device, rt.db.dialect.name)
         disp.start()
+        deliveries.start()
         try:
             yield
         finally:
             disp.stop()
+            deliveries.stop()
 
     app = FastAPI(
         title="openedits",
@@ -61,9 +65,11 @@ def create_app(
     app.state.runtime = rt
     app.state.service = service
     app.state.dispatcher = disp
+    app.state.deliveries = deliveries
     install_error_handlers(app)
+    app.add_middleware(RateLimitMiddleware, settings=settings)
     app.add_middleware(TraceMiddleware)
-    for module in (edits, tasks, hosted, files, health, web):
+    for module in (edits, tasks, webhooks, hosted, files, health, web):
         app.include_router(module.router)
     app.mount("/web", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="web")
     return app

@@ -16,7 +16,15 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-__all__ = ["kv", "metadata", "task_payloads", "tasks", "tokens"]
+__all__ = [
+    "kv",
+    "metadata",
+    "task_payloads",
+    "tasks",
+    "tokens",
+    "webhook_attempts",
+    "webhook_deliveries",
+]
 
 metadata = MetaData()
 
@@ -75,4 +83,44 @@ kv = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# The webhook outbox: one row per callback owed, written in the same transaction as the task's
+# end, so a callback can never be lost between "finished" and "sent".
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the `webhook-id`, the same on every retry
+    Column("task_id", String(36), nullable=False),
+    Column("url", Text, nullable=False),
+    # The body as the exact text that is signed and sent, so every retry is byte-identical.
+    Column("body", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, default=0),  # ever made; numbers the attempts
+    Column("failures", Integer, nullable=False, default=0),  # since (re)queued: schedule slot
+    Column("next_attempt_at", Float, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_attempt_at", Float, nullable=True),
+    Column("delivered_at", Float, nullable=True),
+    Column("last_status", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    Index("ix_webhook_deliveries_task", "task_id"),
+)
+
+# Every attempt and how it went; the primary key makes "attempt n of delivery d" happen once,
+# whatever number of processes run the delivery loop.
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("node", String(64), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("duration_ms", Float, nullable=True),
+    Column("status", Integer, nullable=True),
+    # delivered | retry | gone | failed; null while sending (or its process died meanwhile)
+    Column("outcome", String(16), nullable=True),
+    Column("error", Text, nullable=True),
 )

@@ -7,11 +7,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from openedits.schemas import TaskState
 from openedits.store._tables import task_payloads, tasks
+from openedits.webhooks.outbox import owe_callback
 
 __all__ = ["PRIORITY", "NewTask", "TaskRow", "TaskStore"]
 
@@ -187,16 +188,38 @@ class TaskStore:
         from_states: Sequence[TaskState],
         values: dict[str, Any],
         lease_owner: str | None = None,
+        then: Callable[[Connection], None] | None = None,
     ) -> bool:
         """Apply `values` only if the task is in one of `from_states` (and, when given, still
         leased by `lease_owner`). The WHERE clause makes the check and the write one atomic step,
-        so no path (a late worker, a second process) can move a task out of a terminal state."""
+        so no path (a late worker, a second process) can move a task out of a terminal state.
+        `then` runs in the same transaction, only when the transition happened."""
         conditions = [tasks.c.id == task_id, tasks.c.state.in_([s.value for s in from_states])]
         if lease_owner is not None:
             conditions.append(tasks.c.lease_owner == lease_owner)
         with self.engine.begin() as conn:
             result = conn.execute(update(tasks).where(*conditions).values(**values))
-            return result.rowcount == 1
+            if result.rowcount != 1:
+                return False
+            if then is not None:
+                then(conn)
+            return True
+
+    def _owe_callback(
+        self, task_id: str, response: dict[str, Any], now: float
+    ) -> Callable[[Connection], None]:
+        """The outbox write that goes with a task's end: when the task has a callback_url, its
+        final body is queued in the same transaction as the state change, so no reader can see
+        the task ended while the callback it owes is not yet in the store."""
+
+        def write(conn: Connection) -> None:
+            url = conn.execute(
+                select(tasks.c.callback_url).where(tasks.c.id == task_id)
+            ).scalar_one_or_none()
+            if url:
+                owe_callback(conn, task_id=task_id, url=url, body=response, now=now)
+
+        return write
 
     # --- workers
 
@@ -271,7 +294,8 @@ class TaskStore:
         worker_id: str | None = None,
     ) -> bool:
         """End a task. From running only by its lease holder; a pending task may be ended
-        directly (cancel, or a failure found before it ran)."""
+        directly (cancel, or a failure found before it ran). A callback the task owes is
+        queued in the outbox in the same transaction."""
         if not state.is_terminal():
             raise ValueError(f"finish needs a terminal state, not {state.value}")
         now = self.clock()
@@ -287,7 +311,13 @@ class TaskStore:
         if values["progress"] is None:
             del values["progress"]
         from_states = [TaskState.running] if worker_id else [TaskState.pending, TaskState.running]
-        return self._transition(task_id, from_states=from_states, values=values, lease_owner=worker_id)
+        return self._transition(
+            task_id,
+            from_states=from_states,
+            values=values,
+            lease_owner=worker_id,
+            then=self._owe_callback(task_id, response, now),
+        )
 
     def request_cancel(self, task_id: str) -> bool:
         """Flag a running task for cancellation at its next engine step."""
@@ -337,7 +367,8 @@ class TaskStore:
         return requeued, exhausted
 
     def fail_expired(self, task_id: str, response: dict[str, Any], error_status: int) -> bool:
-        """Fail a running task whose lease expired after its last allowed attempt."""
+        """Fail a running task whose lease expired after its last allowed attempt (queueing
+        the callback it owes in the same transaction)."""
         now = self.clock()
         with self.engine.begin() as conn:
             result = conn.execute(
@@ -356,7 +387,10 @@ class TaskStore:
                     lease_expires_at=None,
                 )
             )
-            return result.rowcount == 1
+            if result.rowcount != 1:
+                return False
+            self._owe_callback(task_id, response, now)(conn)
+            return True
 
     def is_duplicate_key_error(self, error: Exception) -> bool:
         """True when an insert failed on the idempotency key's unique constraint."""

@@ -1,0 +1,1 @@
+"""Tests of openedits.webhooks: outbox, signing, delivery loop, admin endpoints."""
