@@ -45,6 +45,19 @@ def serve(
     _configure_logging(settings.log_level)
     from openedits.api.app import create_app
 
+    if not settings.bootstrap_tokens:
+        store = _token_store()
+        if not store.list():
+            # First start with no token configured: without one every call is a 401, so make
+            # one and show it once, as the README promises.
+            secret, info = store.create("first-run", ["admin"])
+            typer.echo(
+                f"openedits: no API token was configured; created admin token {info.id}:\n\n"
+                f"    {secret}\n\nKeep it: it is shown only now "
+                "(more with `openedits tokens create`).",
+                err=True,
+            )
+
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,

@@ -218,7 +218,7 @@ class EditService:
         """A page of records: by ids, by trace_ids, or the caller's most recent."""
         caller.require("tasks")
         owner = None if caller.is_admin else caller.token_id
-        rows, count = self.rt.store.list(
+        rows, count = self.rt.store.page(
             owner=owner,
             ids=request.ids,
             trace_ids=request.trace_ids,

@@ -143,7 +143,7 @@ class TaskStore:
             m = conn.execute(query).mappings().first()
         return TaskRow.from_mapping(m) if m else None
 
-    def list(
+    def page(
         self,
         *,
         owner: str | None,
