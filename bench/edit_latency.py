@@ -25,11 +25,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from openedits.api.app import create_app  # noqa: E402
-from openedits.engines.opencv import OpenCVEngine  # noqa: E402
-from openedits.settings import Settings  # noqa: E402
-from tests.engines.contract import make_test_image, make_test_mask  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+from tests.engines.contract import make_test_image, make_test_mask
+from tests.servers import free_port
+
+from openedits.api.app import create_app
+from openedits.engines.opencv import OpenCVEngine
+from openedits.settings import Settings
 
 
 def _data_uri(image: Image.Image) -> str:

@@ -23,7 +23,7 @@ from openedits.engines.base import (
     never_cancel,
     no_progress,
 )
-from openedits.errors import EngineFailed, InvalidInput, TaskCancelled
+from openedits.errors import InvalidInput, TaskCancelled
 
 
 class FakeEngine:
@@ -129,7 +129,7 @@ def serve_receiver(on_request: Callable[[Received], None] | None = None) -> Iter
         def log_message(self, *args: Any) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             rec = state["r"]
             found = rec.files.get(self.path)
             if found is None:
@@ -143,7 +143,7 @@ def serve_receiver(on_request: Callable[[Received], None] | None = None) -> Iter
             self.end_headers()
             self.wfile.write(data)
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             rec = state["r"]
             length = int(self.headers.get("content-length") or 0)
             item = Received(self.path, {k.lower(): v for k, v in self.headers.items()},

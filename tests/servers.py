@@ -30,7 +30,7 @@ class ServerProcess:
     def __init__(self, env: dict[str, str], port: int, argv: list[str]) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env},
                                      stdout=subprocess.DEVNULL, stderr=self.log)
 

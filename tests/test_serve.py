@@ -24,7 +24,9 @@ def test_first_start_prints_a_token_that_works(tmp_path, image, mask) -> None:
     try:
         server.wait_healthy()
         deadline = time.time() + 5
-        while not (found := re.search(r"oe_[\w-]{20,}", server.output())) and time.time() < deadline:
+        found = None
+        while not found and time.time() < deadline:
+            found = re.search(r"oe_[\w-]{20,}", server.output())
             time.sleep(0.1)
         assert found, server.output()
         headers = {"authorization": f"Bearer {found.group(0)}"}

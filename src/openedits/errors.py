@@ -6,7 +6,7 @@
     ├── InvalidInput                    400 bad_request
     │   ├── FetchRefused                400 bad_request   (a client URL we will not fetch or call)
     │   ├── FetchFailed                 400 bad_request   (a client URL that could not be fetched)
-    │   └── ImageInvalid                400 bad_request   (bytes that are not a usable image or mask)
+    │   └── ImageInvalid                400 bad_request   (bytes that are no usable image or mask)
     ├── TokenMismatched                 400 token_mismatched
     ├── NotImplementedOnServer          400 api_not_implemented
     ├── TokenInvalid                    401 invalid_token

@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -44,6 +45,11 @@ class Runtime:
     clock: Callable[[], float] = time.time
     # One engine job at a time per device: a second job would only fight for the same memory.
     device_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Result PNGs encode here in parallel (zlib releases the GIL); kept for the process's life
+    # because starting five threads per task cost more than the encoding on a busy machine.
+    encoder: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=5, thread_name_prefix="png")
+    )
 
     @classmethod
     def build(
@@ -81,7 +87,8 @@ class Runtime:
         )
 
     def close(self) -> None:
-        """Release the database pool."""
+        """Release the database pool and the encoder threads."""
+        self.encoder.shutdown(wait=False)
         self.db.dispose()
 
 

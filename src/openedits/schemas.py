@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-class TaskState(str, Enum):
+class TaskState(StrEnum):
     """Where a task is in its life; the terminal ones never change again."""
 
     pending = "pending"

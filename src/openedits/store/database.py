@@ -1,4 +1,4 @@
-"""The database connection: engine creation (SQLite in WAL mode or any SQLAlchemy URL) and migrations."""
+"""The database connection: engine creation (SQLite in WAL mode, or any URL) and migrations."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ class TaskStore:
         return dict(body) if body is not None else None
 
     def drop_payload(self, task_id: str) -> None:
-        """Forget the inputs of an ended task: the client's images are kept no longer than needed."""
+        """Forget an ended task's inputs: client images are kept no longer than needed."""
         with self.engine.begin() as conn:
             conn.execute(delete(task_payloads).where(task_payloads.c.task_id == task_id))
 

@@ -45,7 +45,9 @@ class TokenStore:
         scope_list = tuple(dict.fromkeys(scopes))
         unknown = [s for s in scope_list if s not in SCOPES]
         if unknown or not scope_list:
-            raise ValueError(f"scopes {unknown or '[]'} not allowed; choose from {', '.join(SCOPES)}")
+            raise ValueError(
+                f"scopes {unknown or '[]'} not allowed; choose from {', '.join(SCOPES)}"
+            )
         secret = "oe_" + secrets.token_urlsafe(32)
         info = TokenInfo(
             id="tok_" + secrets.token_hex(6),

@@ -41,7 +41,9 @@ def reap_expired(rt: Runtime) -> int:
     many tasks it touched."""
     requeued, exhausted = rt.store.requeue_expired(rt.settings.max_attempts)
     for task_id in requeued:
-        log.warning("task requeued: its worker stopped renewing the lease", extra={"task_id": task_id})
+        log.warning(
+            "task requeued: its worker stopped renewing the lease", extra={"task_id": task_id}
+        )
     for task_id in exhausted:
         row = rt.store.get(task_id)
         if row is None:

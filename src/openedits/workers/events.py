@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -52,11 +53,9 @@ class TaskWatch:
         self.queue: asyncio.Queue[TaskEvent] = asyncio.Queue()
 
     def _deliver(self, event: TaskEvent) -> None:
-        try:
+        # The waiting request's loop may have closed (client gone); nothing to tell it then.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:
-            # The waiting request's loop has closed (client gone); nothing to tell it.
-            pass
 
     async def next(self, timeout: float) -> TaskEvent | None:
         """The next event, or None after `timeout` seconds (the caller then re-reads the store)."""

@@ -6,7 +6,7 @@ import io
 import logging
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 from typing import Any
 
 from PIL import Image
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 VARIANTS = 4
 # Progress bands: fetching and decoding take the first 5%, saving the last 5%.
 _FETCHED, _EDITED = 5, 95
+# Seconds between progress writes to the store, and between reads of the cancel flag.
+_STORE_EVERY, _CANCEL_EVERY = 0.5, 0.2
 
 
 class _Lease:
@@ -72,7 +74,9 @@ def _load_inputs(
 ) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
     s = rt.settings
     raw = rt.fetcher.fetch(body.image_url, field="image_url")
-    decoded = decode_image(raw, field="image_url", max_pixels=s.max_image_pixels, max_side=s.max_side)
+    decoded = decode_image(
+        raw, field="image_url", max_pixels=s.max_image_pixels, max_side=s.max_side
+    )
     mask = None
     if body.mask is not None:
         mask_bytes = rt.fetcher.fetch(body.mask, field="mask", allow_bare_base64=True)
@@ -90,17 +94,31 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
     image, mask, _original = _load_inputs(rt, body)
     rt.engine.validate(image, mask, body.prompt)
 
-    last = [-1]
+    # The bus hears every progress change (streams and sync waiters want them at once); the
+    # store gets at most one write per interval, and the cancel flag at most one read, so a
+    # fast engine's steps are not paced by the database.
+    clock = time.monotonic
+    seen = {"progress": -1, "written": float("-inf"), "checked": float("-inf")}
+    cancelled = threading.Event()
 
     def on_progress(fraction: float) -> None:
         progress = _FETCHED + int(max(0.0, min(1.0, fraction)) * (_EDITED - _FETCHED))
-        if progress > last[0]:
-            last[0] = progress
+        if progress <= seen["progress"]:
+            return
+        seen["progress"] = progress
+        rt.bus.publish(TaskProgress(row.id, progress))
+        if clock() - seen["written"] >= _STORE_EVERY:
+            seen["written"] = clock()
             rt.store.set_progress(row.id, worker_id, progress, rt.settings.lease_seconds)
-            rt.bus.publish(TaskProgress(row.id, progress))
 
-    def should_cancel() -> bool:
-        return lease.lost.is_set() or rt.store.cancel_requested(row.id)
+    def should_cancel(force: bool = False) -> bool:
+        if lease.lost.is_set() or cancelled.is_set():
+            return True
+        if force or clock() - seen["checked"] >= _CANCEL_EVERY:
+            seen["checked"] = clock()
+            if rt.store.cancel_requested(row.id):
+                cancelled.set()
+        return cancelled.is_set()
 
     on_progress(0.0)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
@@ -120,7 +138,7 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
             on_progress=on_progress,
             should_cancel=should_cancel,
         )
-    if should_cancel():
+    if should_cancel(force=True):
         # A cancel that arrived during the last step still wins over the result.
         raise TaskCancelled("the task was cancelled")
     if len(variants) != VARIANTS:
@@ -131,8 +149,7 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
 
     # PNG encoding is the largest fixed cost after the engine; zlib releases the GIL, so the
     # five files encode in parallel.
-    with ThreadPoolExecutor(max_workers=VARIANTS + 1) as pool:
-        encoded = list(pool.map(_png, [*variants, grid]))
+    encoded = list(rt.encoder.map(_png, [*variants, grid]))
     urls = []
     for i, data in enumerate(encoded[:VARIANTS]):
         key = f"{row.id}/0_{i}.png"
@@ -200,7 +217,10 @@ def run_task(rt: Runtime, task_id: str, worker_id: str) -> TaskState | None:
                 failure_body(task_id, row.trace_id, error),
                 error.status_code,
             )
-    if not rt.store.finish(task_id, state, response, error_status=error_status, worker_id=worker_id):
+    finished = rt.store.finish(
+        task_id, state, response, error_status=error_status, worker_id=worker_id
+    )
+    if not finished:
         # Cancelled (or requeued) while we worked: the earlier decision stands.
         current = rt.store.get(task_id)
         log.info("task result dropped; task is %s", current and current.state.value, extra=extra)

@@ -17,6 +17,7 @@ from openedits.records import failure_body
 from openedits.runtime import Runtime
 from openedits.schemas import EditAccepted, EditCreate, EditResult, ErrorBody, TaskState
 from openedits.webhooks.delivery import DeliveryLoop
+from openedits.workers.events import TaskEvent, TaskProgress
 
 __all__ = ["router"]
 
@@ -59,18 +60,21 @@ async def create_edit(
     idempotency_key: str | None = Header(default=None),
 ) -> Any:
     """Edit an image from a prompt: four variants as a 2x2 grid (and singly with split_images)."""
-    row, edit = service.submit(
-        body,
-        caller,
-        trace_id=trace_id,
-        base_url=str(request.base_url),
-        idempotency_key=idempotency_key,
+    # Submitting writes to the store and may resolve a callback host: off the event loop.
+    row, edit = await to_thread.run_sync(
+        lambda: service.submit(
+            body,
+            caller,
+            trace_id=trace_id,
+            base_url=str(request.base_url),
+            idempotency_key=idempotency_key,
+        )
     )
     if NDJSON in request.headers.get("accept", "").lower():
         # Asking for a stream beats `async` and `callback_url`: the caller said how it waits.
         deliveries: DeliveryLoop = request.app.state.deliveries
         return StreamingResponse(
-            _stream(rt, deliveries, row.id, rt.settings.sync_timeout_seconds),
+            _stream(rt, deliveries, row.id, row.trace_id, rt.settings.sync_timeout_seconds),
             media_type=NDJSON,
         )
     if edit.async_ or edit.callback_url is not None:
@@ -96,7 +100,7 @@ def _line(body: dict[str, Any]) -> bytes:
 
 
 async def _stream(
-    rt: Runtime, deliveries: DeliveryLoop, task_id: str, timeout: float
+    rt: Runtime, deliveries: DeliveryLoop, task_id: str, trace_id: str, timeout: float
 ) -> AsyncIterator[bytes]:
     """One result body per progress change, then the final result or failure body.
 
@@ -107,32 +111,50 @@ async def _stream(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last = -1
+
+    def progressed(progress: int, callback_url: str | None) -> bytes | None:
+        nonlocal last
+        if progress <= last:
+            return None
+        last = progress
+        # `success: true` with progress < 100: the hosted clients' "running".
+        body = {"success": True, "task_id": task_id, "progress": progress}
+        if callback_url:
+            deliveries.post_progress(task_id, callback_url, body)
+        return _line(body)
+
     try:
         with rt.bus.watch(task_id) as watch:
+            event: TaskEvent | None = None
+            callback_url: str | None = None
             while True:
-                row = await to_thread.run_sync(rt.store.get, task_id)
-                if row is None:
-                    yield _line(failure_body(task_id, "", EngineFailed(f"task {task_id} vanished")))
-                    return
-                if row.state.is_terminal():
-                    yield _line(row.response or failure_body(
-                        task_id, row.trace_id, EngineFailed("the task ended without a result")))
-                    return
-                if row.progress > last:
-                    last = row.progress
-                    # `success: true` with progress < 100: the hosted clients' "running".
-                    body = {"success": True, "task_id": task_id, "progress": last}
-                    yield _line(body)
-                    if row.callback_url:
-                        deliveries.post_progress(task_id, row.callback_url, body)
+                # Progress events carry their value, so they need no store read; anything
+                # else (start, finish, a quiet second) re-reads the row, which also covers
+                # events missed before the watch began and workers in other processes.
+                if isinstance(event, TaskProgress):
+                    line = progressed(event.progress, callback_url)
+                else:
+                    row = await to_thread.run_sync(rt.store.get, task_id)
+                    if row is None:
+                        vanished = EngineFailed(f"task {task_id} vanished")
+                        yield _line(failure_body(task_id, trace_id, vanished))
+                        return
+                    if row.state.is_terminal():
+                        yield _line(row.response or failure_body(
+                            task_id, row.trace_id, EngineFailed("the task ended without a result")))
+                        return
+                    callback_url = row.callback_url
+                    line = progressed(row.progress, callback_url)
+                if line is not None:
+                    yield line
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     error = SyncTimeout(
                         f"task {task_id} did not finish within {timeout:.0f} s; it goes on: "
                         "poll POST /midjourney/tasks with this id"
                     )
-                    yield _line(failure_body(task_id, row.trace_id, error))
+                    yield _line(failure_body(task_id, trace_id, error))
                     return
-                await watch.next(min(remaining, 1.0))
+                event = await watch.next(min(remaining, 1.0))
     finally:
         deliveries.forget_progress(task_id)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from openedits.api.deps import CallerDep, JsonBodyDep, ServiceDep
 from openedits.errors import NotImplementedOnServer, describe_value
-from openedits.schemas import TasksBatch, TaskPublic, TasksRequest
+from openedits.schemas import TaskPublic, TasksBatch, TasksRequest
 
 __all__ = ["router"]
 
@@ -25,8 +25,11 @@ router = APIRouter(tags=["tasks"])
         }
     },
 )
-async def tasks(body: JsonBodyDep, caller: CallerDep, service: ServiceDep) -> Any:
-    """Read tasks (`retrieve`, `retrieve_batch`) or stop one (`cancel`)."""
+def tasks(body: JsonBodyDep, caller: CallerDep, service: ServiceDep) -> Any:
+    """Read tasks (`retrieve`, `retrieve_batch`) or stop one (`cancel`).
+
+    A plain `def`: FastAPI runs it in its threadpool, so the store's queries never block the
+    event loop that holds sync callers and streams."""
     request = TasksRequest.model_validate(body)
     if request.action == "retrieve":
         return service.retrieve(caller, request)
