@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openedits._ids import new_trace_id
+from openedits._logging import trace_id_var
 from openedits.errors import (
     InvalidInput,
     NotFound,
@@ -90,6 +91,7 @@ class TraceMiddleware:
             return
         trace_id = new_trace_id()
         scope.setdefault("state", {})["trace_id"] = trace_id
+        token = trace_id_var.set(trace_id)
         started = False
 
         async def send_with_trace(message: Message) -> None:
@@ -126,3 +128,5 @@ class TraceMiddleware:
                 }
             )
             await send({"type": "http.response.body", "body": body})
+        finally:
+            trace_id_var.reset(token)

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image
 
 from openedits._ids import new_image_id
+from openedits._logging import bind
 from openedits.engines.base import Preset
 from openedits.errors import EngineFailed, OpenEditsError, TaskCancelled
 from openedits.imaging.decode import decode_image
@@ -184,8 +185,13 @@ def run_task(rt: Runtime, task_id: str, worker_id: str) -> TaskState | None:
     row = rt.store.get(task_id)
     if row is None or row.state is not TaskState.running or row.lease_owner != worker_id:
         return None
-    extra = {"task_id": task_id, "trace_id": row.trace_id}
-    log.info("task started", extra=extra)
+    with bind(task_id=task_id, trace_id=row.trace_id):
+        return _run(rt, row, worker_id)
+
+
+def _run(rt: Runtime, row: TaskRow, worker_id: str) -> TaskState | None:
+    task_id = row.id
+    log.info("task started")
     rt.bus.publish(TaskStarted(task_id))
     state: TaskState
     error_status: int | None = None
@@ -200,14 +206,14 @@ def run_task(rt: Runtime, task_id: str, worker_id: str) -> TaskState | None:
                 exc.status_code,
             )
         except OpenEditsError as exc:
-            log.info("task failed: %s: %s", exc.code, exc.message, extra=extra)
+            log.info("task failed: %s: %s", exc.code, exc.message)
             state, response, error_status = (
                 TaskState.failed,
                 failure_body(task_id, row.trace_id, exc),
                 exc.status_code,
             )
         except Exception as exc:
-            log.exception("task crashed", extra=extra)
+            log.exception("task crashed")
             error = EngineFailed(
                 f"the edit failed inside the server ({type(exc).__name__}); "
                 f"quote trace_id {row.trace_id} when reporting it"
@@ -223,9 +229,9 @@ def run_task(rt: Runtime, task_id: str, worker_id: str) -> TaskState | None:
     if not finished:
         # Cancelled (or requeued) while we worked: the earlier decision stands.
         current = rt.store.get(task_id)
-        log.info("task result dropped; task is %s", current and current.state.value, extra=extra)
+        log.info("task result dropped; task is %s", current and current.state.value)
         return None
     rt.store.drop_payload(task_id)
-    log.info("task %s", state.value, extra=extra)
+    log.info("task %s", state.value)
     rt.bus.publish(TaskFinished(task_id, state))
     return state
