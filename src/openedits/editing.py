@@ -34,6 +34,7 @@ from openedits.workers.events import TaskFinished
 __all__ = ["EditService", "digest_request"]
 
 _SOURCE_FIELDS = ("image_url", "mask")
+_MAX_OFFSET = 2**62
 
 
 def _digest(value: str) -> str:
@@ -137,6 +138,13 @@ class EditService:
         store = self.rt.store
         request_hash = _request_hash(body)
         if idempotency_key is not None:
+            if not idempotency_key.strip():
+                # Most likely an unset template variable; as a key it would tie every later
+                # submit of this token to the first one.
+                raise InvalidInput(
+                    "the Idempotency-Key header is empty; send a unique string per edit (a UUID "
+                    "works) or leave the header out"
+                )
             if len(idempotency_key) > 255:
                 raise InvalidInput("the Idempotency-Key header is over 255 characters")
             existing = store.get_by_idempotency_key(caller.token_id, idempotency_key)
@@ -222,7 +230,9 @@ class EditService:
             owner=owner,
             ids=request.ids,
             trace_ids=request.trace_ids,
-            offset=request.offset,
+            # Any non-negative offset is valid, but databases take 64-bit ones at most; every
+            # offset from 2**62 on is past the end of any real table, so it reads as that.
+            offset=min(request.offset, _MAX_OFFSET),
             limit=request.limit,
         )
         return {"items": [task_record(r) for r in rows], "count": count}

@@ -67,7 +67,10 @@ def install_error_handlers(app: FastAPI) -> None:
             )
             return JSONResponse(envelope(err.code, err.message, trace_id), 404)
         if exc.status_code == 405:
-            allowed = exc.headers.get("allow", "") if exc.headers else ""
+            # Starlette spells it "Allow"; look it up in any case so the message says what is.
+            allowed = next(
+                (v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), ""
+            )
             message = f"{request.method} is not allowed on {path}; use {allowed or 'POST'}"
             return JSONResponse(
                 envelope("method_not_allowed", message, trace_id),

@@ -62,7 +62,14 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not chunks.strip():
         raise InvalidInput("the body is empty; send a JSON object such as {\"image_url\": …}")
     try:
-        body = json.loads(chunks)
+        body = json.loads(chunks, parse_constant=_refuse_constant)
+    except RecursionError:
+        # The C decoder recurses once per level: a body of 100,000 `[` would otherwise
+        # escape as a 500 instead of being the client's error.
+        raise InvalidInput(
+            f"the body nests JSON far deeper than {MAX_JSON_DEPTH} levels; send a flat JSON "
+            "object such as {\"image_url\": …, \"prompt\": …}"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(
             f"the body is not valid JSON ({exc}); send a JSON object with content-type "
@@ -70,7 +77,80 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise InvalidInput(f"the body must be a JSON object, got {describe_value(body)}")
+    _check_tree(body)
     return {k: v for k, v in body.items() if v is not None}
+
+
+MAX_JSON_DEPTH = 32
+"""How deeply a body may nest. Real bodies nest 2 levels; the bound keeps later work on the body
+(validation messages, hashing, storing it as JSON) far from the interpreter's recursion limit."""
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON: kept in a task's request, they
+    # would make every later reply that carries it unrenderable (and PostgreSQL refuses them).
+    raise InvalidInput(
+        f"the body is not valid JSON: {name} is not a JSON number; send a finite number or null"
+    )
+
+
+def _where(path: list[str | int]) -> str:
+    """A JSON path for a message, `prompt` or `extra[0][0]…`, trimmed when deep."""
+    text = ""
+    for i, part in enumerate(path):
+        if i == 6:
+            return text + "…"
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + describe_value(part, 40).strip("'")
+    return text
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be kept, or None: NUL and unpaired surrogates break storage."""
+    if "\x00" in text:
+        return "a NUL character (\\u0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape on its own)"
+    return None
+
+
+def _check_tree(body: dict[str, Any]) -> None:
+    """Refuse bodies nested deeper than MAX_JSON_DEPTH, and strings no store can keep.
+
+    Walks without recursion, so the check itself cannot hit the recursion limit.
+    """
+    stack: list[tuple[Any, list[str | int]]] = [(body, [])]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise InvalidInput(
+                f"the body nests deeper than {MAX_JSON_DEPTH} levels (at {_where(path)}); "
+                "send a flat JSON object such as {\"image_url\": …, \"prompt\": …}"
+            )
+        if isinstance(value, str):
+            problem = _text_problem(value)
+            if problem is not None:
+                raise InvalidInput(
+                    f"{_where(path) or 'the body'} contains {problem}; remove it and send "
+                    "plain text"
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                problem = _text_problem(key)
+                if problem is not None:
+                    raise InvalidInput(
+                        f"the body has a key {describe_value(key, 40)}"
+                        f"{' in ' + _where(path) if path else ''} that contains {problem}; "
+                        "send valid Unicode text"
+                    )
+                stack.append((item, [*path, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*path, i]) for i, item in enumerate(value))
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
