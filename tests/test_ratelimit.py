@@ -24,7 +24,7 @@ RETRIEVE = {"action": "retrieve", "id": "no-such-task"}
 
 def _settings(tmp_path: Path, rate_limit: str) -> Settings:
     return Settings(data_dir=tmp_path / "data", api_tokens=TOKEN, allow_private_urls=True,
-                    rate_limit=rate_limit)
+                    rate_limit=rate_limit, rate_limit_reads=rate_limit)
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_the_limit_trips_at_n_plus_one_with_envelope_and_headers(make_client: An
     # The message teaches: the limit, when to retry, and which setting raises it.
     assert "3 per 1 minute" in message
     assert "retry in" in message
-    assert "OPENEDITS_RATE_LIMIT" in message and "'3/minute'" in message
+    assert "OPENEDITS_RATE_LIMIT_READS" in message and "'3/minute'" in message
     assert 1 <= int(_post(tc).headers["retry-after"]) <= 60
 
 
@@ -86,8 +86,10 @@ def test_edits_count_and_carry_the_headers_too(make_client: Any) -> None:
     r = tc.post("/midjourney/edits", headers=AUTH, json={"prompt": "x"})
     assert r.status_code == 400  # counted even though it was refused later, by validation
     assert r.headers["x-ratelimit-remaining"] == "0"
-    _check_refusal(tc.post("/midjourney/edits", headers=AUTH, json={"prompt": "x"}), 1)
-    # Every POST under /midjourney/ shares the caller's budget.
+    refused = _check_refusal(tc.post("/midjourney/edits", headers=AUTH, json={"prompt": "x"}), 1)
+    assert "OPENEDITS_RATE_LIMIT (now '1/minute')" in refused["error"]["message"]
+    # Polling has a budget of its own: spent submits do not stop a client reading its tasks.
+    assert _post(tc).status_code == 200
     _check_refusal(_post(tc), 1)
 
 

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 LIMITED_PREFIX = "/midjourney/"
 """`POST` requests under this prefix are counted; reads of files and health checks are not."""
+READS_PATH = "/midjourney/tasks"
+"""Polling is counted in a budget of its own (OPENEDITS_RATE_LIMIT_READS), so a client that
+polls a long edit every second does not spend the budget its submits need."""
 
 _OFF = frozenset({"", "0", "off", "none", "false", "disabled"})
 _SETTING = "OPENEDITS_RATE_LIMIT"
@@ -139,13 +142,15 @@ class RateLimitMiddleware:
     ) -> None:
         self.app = app
         self.setting = settings.rate_limit
+        self.read_setting = settings.rate_limit_reads
         self.items = parse_rate_limit(settings.rate_limit)
+        self.read_items = parse_rate_limit(settings.rate_limit_reads)
         self._authenticate = authenticate
         self._valid_tokens: dict[str, float] = {}
         self._last_outage_log = -math.inf
         self.limiter: MovingWindowRateLimiter | None = None
         self._inline = True
-        if self.items:
+        if self.items or self.read_items:
             try:
                 storage = storage_from_string(settings.rate_limit_storage_url)
             except Exception as exc:  # limits raises ConfigurationError, or a missing driver
@@ -168,12 +173,19 @@ class RateLimitMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        reads = scope.get("path") == READS_PATH
+        items = self.read_items if reads else self.items
+        if not items:
+            await self.app(scope, receive, send)
+            return
         key, by_token = await self._key(scope)
+        if reads:
+            key = f"{key}:reads"
         try:
             if self._inline:
-                verdict = self._count(key)
+                verdict = self._count(key, items)
             else:
-                verdict = await to_thread.run_sync(self._count, key)
+                verdict = await to_thread.run_sync(self._count, key, items)
         except Exception:
             # An abuse control that is down must not take the API down with it: let the
             # request through, and say so in the log (once a minute, not once a request).
@@ -184,7 +196,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if not verdict.allowed:
-            await self._refuse(scope, send, verdict, by_token=by_token)
+            await self._refuse(scope, send, verdict, by_token=by_token, reads=reads)
             return
         extra = verdict.headers()
 
@@ -227,11 +239,11 @@ class RateLimitMiddleware:
             self._valid_tokens.pop(digest, None)
         return valid
 
-    def _count(self, key: str) -> _Verdict:
+    def _count(self, key: str, items: list[RateLimitItem]) -> _Verdict:
         """Hit every configured limit; the first one that is spent refuses the request."""
         assert self.limiter is not None
         tightest: _Verdict | None = None
-        for item in self.items:
+        for item in items:
             allowed = self.limiter.hit(item, key)
             stats = self.limiter.get_window_stats(item, key)
             verdict = _Verdict(allowed, item, stats.remaining, stats.reset_time)
@@ -242,7 +254,9 @@ class RateLimitMiddleware:
         assert tightest is not None
         return tightest
 
-    async def _refuse(self, scope: Scope, send: Send, verdict: _Verdict, *, by_token: bool) -> None:
+    async def _refuse(
+        self, scope: Scope, send: Send, verdict: _Verdict, *, by_token: bool, reads: bool
+    ) -> None:
         retry_after = max(1, math.ceil(verdict.reset_at - time.time()))
         who = (
             "this token"
@@ -251,8 +265,10 @@ class RateLimitMiddleware:
         )
         error = RateLimited(
             f"rate limit reached: {who} may make {verdict.limit} POST requests to "
-            f"/midjourney/*; retry in {retry_after} s (Retry-After). The server's operator "
-            f"can raise the limit with {_SETTING} (now {self.setting!r})",
+            f"{READS_PATH if reads else '/midjourney/*'}; retry in {retry_after} s "
+            "(Retry-After). The server's operator can raise the limit with "
+            + (f"{_SETTING}_READS (now {self.read_setting!r})" if reads
+               else f"{_SETTING} (now {self.setting!r})"),
             retry_after=retry_after,
         )
         trace_id = str(scope.get("state", {}).get("trace_id", ""))

@@ -40,9 +40,21 @@ class EditCreate(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    image_url: StrictStr = Field(description="An http(s) URL or a data:image/...;base64, URI.")
-    prompt: StrictStr = Field(description="What the edited image should show; 1 to 4,000 chars.")
-    action: StrictStr = Field(default="generate", description="Only `generate` is served.")
+    # The rules below are stated for the OpenAPI document (json_schema_extra) and enforced in
+    # EditService.parse, whose refusals name the field, the value and the rule.
+    image_url: StrictStr = Field(
+        description="An http(s) URL or a data:image/...;base64, URI.",
+        json_schema_extra={"pattern": "^(https?://|data:)"},
+    )
+    prompt: StrictStr = Field(
+        description="What the edited image should show; 1 to 4,000 chars.",
+        json_schema_extra={"minLength": 1, "maxLength": 4000},
+    )
+    action: StrictStr = Field(
+        default="generate",
+        description="Only `generate` is served.",
+        json_schema_extra={"enum": ["generate"]},
+    )
     mask: StrictStr | None = Field(
         default=None,
         description="Region to regenerate: bare base64, a data: URI or an http(s) URL. "
@@ -131,7 +143,9 @@ class TasksRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    action: StrictStr = "retrieve"
+    action: StrictStr = Field(
+        default="retrieve", json_schema_extra={"enum": ["retrieve", "retrieve_batch", "cancel"]}
+    )
     id: StrictStr | None = None
     trace_id: StrictStr | None = None
     ids: list[StrictStr] | None = Field(default=None, max_length=100)

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     # --- auth and abuse controls
     api_tokens: str = ""
     rate_limit: str = "60/minute"
+    rate_limit_reads: str = "600/minute"
     rate_limit_storage_url: str = "memory://"
     moderation_words: str = ""
 
@@ -80,6 +81,9 @@ class Settings(BaseSettings):
     # --- server
     host: str = "127.0.0.1"
     port: int = 8000
+    # Behind a reverse proxy, the addresses whose X-Forwarded-For is trusted (uvicorn's
+    # forwarded_allow_ips), so rate limits by address see clients, not the proxy.
+    forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "INFO"
 
     @field_validator("webhook_retry_delays")

@@ -47,7 +47,7 @@ async def list_deliveries(
     deliveries: DeliveriesDep,
     state: Annotated[Literal["failed", "pending", "delivered", "all"], Query()] = "failed",
     task_id: Annotated[str | None, Query(max_length=36)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> dict[str, Any]:
     """Callback deliveries, newest first, each with its attempts: `{"items": […], "count": n}`."""
