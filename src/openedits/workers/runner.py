@@ -92,7 +92,9 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
     if payload is None:
         raise EngineFailed(f"the inputs of task {row.id} are gone; submit it again")
     body = EditCreate.model_validate(payload)
+    t0 = time.perf_counter()
     image, mask, _original = _load_inputs(rt, body)
+    t_inputs = time.perf_counter()
     rt.engine.validate(image, mask, body.prompt)
 
     # The bus hears every progress change (streams and sync waiters want them at once); the
@@ -125,6 +127,7 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     rt.store.set_seeds(row.id, [seed + i for i in range(VARIANTS)])
     preset: Preset = body.mode
+    t_engine = time.perf_counter()
     with rt.device_lock:
         if should_cancel():
             raise TaskCancelled("the task was cancelled")
@@ -145,6 +148,7 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
     if len(variants) != VARIANTS:
         raise EngineFailed(f"engine {rt.engine.name} returned {len(variants)} variants, not 4")
     # The contract promises every pixel outside the mask is the input's, whatever the engine.
+    t_save = time.perf_counter()
     variants = [composite(image, v.convert("RGB"), mask) for v in variants]
     grid = make_grid(variants)
 
@@ -171,6 +175,12 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
         sub_image_urls=urls if body.split_images else [],
         progress=100,
         actions=[],
+    )
+    t_done = time.perf_counter()
+    log.info(
+        "edited %dx%d in %.0f ms: inputs %.0f, engine %.0f, results %.0f",
+        image.width, image.height, (t_done - t0) * 1000, (t_inputs - t0) * 1000,
+        (t_save - t_engine) * 1000, (t_done - t_save) * 1000,
     )
     return result.model_dump()
 
