@@ -475,7 +475,7 @@ class DiffusersEngine:
 
         kwargs["callback_on_step_end"] = on_step_end
         edited = self._run(torch, pipe, kwargs, should_cancel, work, n)
-        return [self._finish(original, binary, out) for out in edited]
+        return self._finish(original, binary, edited)
 
     def _call_args(
         self,
@@ -564,40 +564,43 @@ class DiffusersEngine:
             ) from exc
         finally:
             lock.release()
-        images = list(result.images)
-        if len(images) != n:
-            raise EngineFailed(f"the pipeline returned {len(images)} images, expected {n}")
-        return images
+        return list(result.images)
 
     def _finish(
-        self, original: Image.Image, mask: Image.Image | None, edited: Image.Image
-    ) -> Image.Image:
-        edited = edited.convert("RGB")
-        if edited.size != original.size:
-            edited = edited.resize(original.size, Image.Resampling.LANCZOS)
+        self, original: Image.Image, mask: Image.Image | None, edited: list[Image.Image]
+    ) -> list[Image.Image]:
+        resized = [
+            e.convert("RGB").resize(original.size, Image.Resampling.LANCZOS)
+            if e.size != original.size
+            else e.convert("RGB")
+            for e in edited
+        ]
         if mask is None:
-            return edited
-        return _paste_back(original, edited, mask, self.feather)
+            return resized
+        alpha = _feathered_alpha(mask, self.feather)  # once: every variant shares the mask
+        return [_paste_back(original, e, alpha) for e in resized]
+
+
+def _feathered_alpha(mask: Image.Image, feather: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Blend weight per pixel: 0 wherever the mask keeps, ramping up inward from its edge.
+
+    A blur of the mask capped by the mask itself softens seams without reaching outside it.
+    """
+    inside = np.asarray(mask, dtype=np.float32) / 255.0
+    if feather <= 0:
+        return inside
+    blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(feather)), dtype=np.float32)
+    alpha: np.ndarray[Any, np.dtype[np.float32]] = np.minimum(inside, blurred / 255.0)
+    return alpha
 
 
 def _paste_back(
-    original: Image.Image, edited: Image.Image, mask: Image.Image, feather: int
+    original: Image.Image, edited: Image.Image, alpha: np.ndarray[Any, np.dtype[np.float32]]
 ) -> Image.Image:
-    """Blend `edited` into `original` inside `mask` only; every kept pixel stays bit-identical.
-
-    The blend weight ramps up from the mask's edge inward (a blur of the mask, capped by the mask
-    itself), so seams soften without a single outside pixel changing.
-    """
-    inside = np.asarray(mask, dtype=np.float32) / 255.0
-    if feather > 0:
-        blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(feather)), dtype=np.float32)
-        alpha = np.minimum(inside, blurred / 255.0)
-    else:
-        alpha = inside
-    orig = np.asarray(original, dtype=np.float32)
-    edit = np.asarray(edited, dtype=np.float32)
-    blended = orig + (edit - orig) * alpha[..., None]
+    """Blend `edited` into `original` by `alpha`; wherever alpha is 0, bit-identical."""
+    orig = np.asarray(original)
+    blended = orig + (np.asarray(edited, dtype=np.float32) - orig) * alpha[..., None]
     out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     keep = alpha <= 0.0
-    out[keep] = np.asarray(original)[keep]
+    out[keep] = orig[keep]
     return Image.fromarray(out, "RGB")
