@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # --- engines
     engine: Literal["auto", "opencv", "diffusers", "upstream"] = "auto"
     diffusers_model: str | None = None
+    # Attention slicing and VAE tiling: "auto" turns them on when device memory is short.
+    diffusers_memory_saving: Literal["auto", "on", "off"] = "auto"
     device: str = "auto"
     upstream_url: str | None = None
     upstream_token: str | None = None

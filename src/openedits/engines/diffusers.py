@@ -185,12 +185,11 @@ class DiffusersEngine:
     @classmethod
     def from_settings(cls, settings: Settings) -> DiffusersEngine:
         """Build from OPENEDITS_DIFFUSERS_MODEL and OPENEDITS_DEVICE (unloaded)."""
-        # A memory-saving setting is honoured once Settings grows one; until then "auto".
-        configured = str(getattr(settings, "diffusers_memory_saving", "auto"))
-        choices: dict[str, MemorySaving] = {"auto": "auto", "on": "on", "off": "off"}
-        memory_saving = choices.get(configured, "auto")
         return cls(
-            settings.diffusers_model, settings.device, memory_saving=memory_saving, warmup=True
+            settings.diffusers_model,
+            settings.device,
+            memory_saving=settings.diffusers_memory_saving,
+            warmup=True,
         )
 
     # ------------------------------------------------------------------ loading
