@@ -4,7 +4,10 @@ Runs a real openedits server (uvicorn on loopback, the opencv engine, SQLite in 
 sends N synchronous edits over HTTP, and, in the same run, times `engine.edit()` alone on the
 same image and mask. Prints both and their ratio (goal: <= 1.15).
 
-    .venv/bin/python bench/edit_latency.py [--n 10] [--size 512]
+    .venv/bin/python bench/edit_latency.py [--n 10] [--size 512] [--engine opencv|diffusers]
+
+`--engine diffusers` uses the tiny random-weight model the tests build (2 steps; `--model` for a
+real checkpoint): the server's fixed costs against an engine that takes seconds, not milliseconds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tests.engines.contract import make_test_image, make_test_mask
 from tests.servers import free_port
 
 from openedits.api.app import create_app
+from openedits.engines.base import Engine
 from openedits.engines.opencv import OpenCVEngine
 from openedits.settings import Settings
 
@@ -43,11 +47,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--engine", choices=["opencv", "diffusers"], default="opencv")
+    parser.add_argument("--model", help="diffusers: a model folder (default: the tiny one)")
     args = parser.parse_args()
 
     size = (args.size, args.size)
     image, mask = make_test_image(size), make_test_mask(size)
-    engine = OpenCVEngine()
+    with tempfile.TemporaryDirectory() as models:
+        engine = _engine(args, Path(models))
+        engine.load("auto")
+        _run(args, engine, image, mask)
+
+
+def _engine(args: argparse.Namespace, models: Path) -> Engine:
+    if args.engine == "opencv":
+        return OpenCVEngine()
+    from openedits.engines.diffusers import DiffusersEngine
+
+    model = args.model
+    if model is None:
+        from tests.engines.tiny_diffusers import build_tiny_pipeline
+
+        model = build_tiny_pipeline(models / "tiny", "sd")
+    return DiffusersEngine(model, "auto", steps=None if args.model else 2, work_size="input")
+
+
+def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Image.Image) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp), api_tokens="bench", log_level="WARNING")
@@ -79,7 +104,7 @@ def main() -> None:
         thread.join(10)
 
     e2e, eng = statistics.median(end_to_end), statistics.median(compute)
-    print(f"image {args.size}x{args.size}, 4 variants, n={args.n} (medians)")
+    print(f"engine {engine.name}, image {args.size}x{args.size}, 4 variants, n={args.n} (medians)")
     print(f"  engine compute alone : {eng * 1000:8.1f} ms")
     print(f"  end-to-end sync HTTP : {e2e * 1000:8.1f} ms")
     print(f"  overhead             : {(e2e - eng) * 1000:8.1f} ms")
