@@ -60,6 +60,7 @@ def main() -> None:
             data_dir=Path(tmp) / "data",
             api_tokens="bench",
             allow_private_urls=True,
+            rate_limit="off",  # a benchmark submits faster than any client should
             # The poll is set long on purpose: only the finish event can make the goal.
             webhook_poll_seconds=5.0,
         )

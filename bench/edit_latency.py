@@ -75,7 +75,8 @@ def _engine(args: argparse.Namespace, models: Path) -> Engine:
 def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Image.Image) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp), api_tokens="bench", log_level="WARNING")
+        settings = Settings(data_dir=Path(tmp), api_tokens="bench", log_level="WARNING",
+                            rate_limit="off")
         app = create_app(settings, engine=engine)
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
