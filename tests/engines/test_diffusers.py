@@ -306,3 +306,121 @@ def test_module_imports_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'openedits[diffusers]'" in out.stdout
+
+
+# ---------------------------------------------------------------- work shared by the variants
+
+
+@pytest.fixture
+def forward_counts(monkeypatch: pytest.MonkeyPatch) -> Any:
+    handles: list[Any] = []
+
+    def count(*modules: Any) -> list[int]:
+        """Count from now on, and stop the counting asked for before."""
+        while handles:
+            handles.pop().remove()
+        counts = [0] * len(modules)
+        for i, module in enumerate(modules):
+
+            def bump(*_args: Any, _i: int = i) -> None:
+                counts[_i] += 1
+
+            handles.append(module.register_forward_hook(bump))
+        return counts
+
+    yield count
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "with_mask", "vae_encodes"),
+    [
+        ("tiny_sd", True, 1),  # inpaint, 4-channel UNet: the image, once
+        ("tiny_sd", False, 1),  # img2img: the image, once
+        ("tiny_inpaint", True, 1),  # 9-channel UNet at strength 1: the masked image, once
+        ("tiny_inpaint", False, 2),  # 9-channel UNet, no mask: the image and the masked image
+        ("tiny_pix2pix", False, 1),
+    ],
+)
+def test_batched_call_encodes_prompt_and_image_once(
+    request: pytest.FixtureRequest,
+    forward_counts: Any,
+    checkpoint: str,
+    with_mask: bool,
+    vae_encodes: int,
+) -> None:
+    engine = warm_engine(request.getfixturevalue(checkpoint))
+    pipe = engine._instruct or engine._inpaint  # img2img shares the inpainting pipe's modules
+    image = make_test_image((64, 64))
+    mask = make_test_mask((64, 64)) if with_mask else None
+    seen: dict[int, list[int]] = {}
+    for n in (1, 4):
+        counts = forward_counts(pipe.text_encoder, pipe.vae.encoder, pipe.vae.decoder, pipe.unet)
+        engine.edit(image, mask, PROMPT, n=n, seed=7, preset="turbo")
+        seen[n] = counts
+    # The prompt (and the empty negative prompt guidance needs) and the image are encoded once
+    # whatever n is; only the denoising and the decoding run per variant, and still as one batch.
+    text, encoder, decoder, unet = seen[4]
+    assert text == seen[1][0] <= 2
+    assert encoder == seen[1][1] == vae_encodes
+    assert decoder == 1
+    assert unet == seen[1][3] == STEPS
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_inpaint", "tiny_pix2pix"])
+def test_each_seed_alone_on_inpainting_and_instruct_checkpoints(
+    request: pytest.FixtureRequest, checkpoint: str
+) -> None:
+    engine = warm_engine(request.getfixturevalue(checkpoint))
+    image, mask = make_test_image((64, 64)), make_test_mask((64, 64))
+    for m in (mask, None):
+        batched = engine.edit(image, m, PROMPT, n=2, seed=40, preset="turbo")
+        for i, variant in enumerate(batched):
+            (alone,) = engine.edit(image, m, PROMPT, n=1, seed=40 + i, preset="turbo")
+            assert np.abs(pixels(variant) - pixels(alone)).max() <= 3, f"variant {i}"
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["inpaint", "img2img"])
+def test_shared_work_gives_what_the_pipeline_gives_alone(
+    tiny_sd: Path, monkeypatch: pytest.MonkeyPatch, with_mask: bool
+) -> None:
+    from openedits.engines import diffusers as module
+
+    engine = warm_engine(tiny_sd)
+    image = make_test_image((64, 64))
+    mask = make_test_mask((64, 64)) if with_mask else None
+    shared = engine.edit(image, mask, PROMPT, n=3, seed=21, preset="turbo")
+    # The pipeline left to encode every copy itself draws the same random numbers in the same
+    # order, so the results agree up to float noise.
+    monkeypatch.setattr(module, "share_batch_work", lambda _torch, _pipe, kwargs: kwargs)
+    copies = engine.edit(image, mask, PROMPT, n=3, seed=21, preset="turbo")
+    for a, b in zip(shared, copies, strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 3
+
+
+def test_unknown_pipelines_get_their_arguments_unchanged() -> None:
+    import torch
+
+    from openedits.engines._diffusers_batch import share_batch_work
+
+    class SomePipeline:
+        vae = None
+
+    kwargs = {"prompt": [PROMPT] * 2, "image": [make_test_image((64, 64))] * 2, "generator": [1, 2]}
+    assert share_batch_work(torch, SomePipeline(), kwargs) is kwargs
+
+
+def test_paste_back_in_the_masks_box_equals_the_whole_frame_blend() -> None:
+    from openedits.engines._diffusers_batch import feathered_alpha, paste_back
+
+    original, edited = make_test_image((96, 64)), make_test_image((96, 64)).rotate(90)
+    for mask in (make_test_mask((96, 64)), Image.new("L", (96, 64), 255)):
+        alpha = feathered_alpha(mask, 4)
+        orig = np.asarray(original)
+        whole = orig + (np.asarray(edited, dtype=np.float32) - orig) * alpha[..., None]
+        expected = np.clip(np.rint(whole), 0, 255).astype(np.uint8)
+        expected[alpha <= 0] = orig[alpha <= 0]
+        assert np.array_equal(np.asarray(paste_back(original, edited, alpha)), expected)
+    nothing = np.zeros((64, 96), dtype=np.float32)
+    assert paste_back(original, edited, nothing).tobytes() == original.tobytes()

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
+from openedits.engines._diffusers_batch import feathered_alpha, paste_back, share_batch_work
 from openedits.engines.base import (
     Capabilities,
     EngineInfo,
@@ -487,7 +487,8 @@ class DiffusersEngine:
     ) -> tuple[Any, dict[str, Any]]:
         # The image, mask and prompt go in n times (one per variant) rather than once with
         # num_images_per_prompt=n: the inpainting pipeline encodes a single image with the first
-        # generator only, which would tie every variant's latents to variant 0's seed.
+        # generator only, which would tie every variant's latents to variant 0's seed. For the
+        # pipelines it knows, `share_batch_work` then encodes them once for all variants.
         small = image.resize(work, Image.Resampling.LANCZOS) if image.size != work else image
         args: dict[str, Any] = {
             "prompt": [prompt] * n,
@@ -544,7 +545,8 @@ class DiffusersEngine:
                 raise TaskCancelled("cancelled while waiting for the device")
         try:
             with torch.inference_mode():
-                result = pipe(**kwargs)
+                # The prompt and image are encoded once here, not once per variant.
+                result = pipe(**share_batch_work(torch, pipe, kwargs))
         except TaskCancelled:
             raise
         except Exception as exc:
@@ -576,30 +578,5 @@ class DiffusersEngine:
         ]
         if mask is None:
             return resized
-        alpha = _feathered_alpha(mask, self.feather)  # once: every variant shares the mask
-        return [_paste_back(original, e, alpha) for e in resized]
-
-
-def _feathered_alpha(mask: Image.Image, feather: int) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """Blend weight per pixel: 0 wherever the mask keeps, ramping up inward from its edge.
-
-    A blur of the mask capped by the mask itself softens seams without reaching outside it.
-    """
-    inside = np.asarray(mask, dtype=np.float32) / 255.0
-    if feather <= 0:
-        return inside
-    blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(feather)), dtype=np.float32)
-    alpha: np.ndarray[Any, np.dtype[np.float32]] = np.minimum(inside, blurred / 255.0)
-    return alpha
-
-
-def _paste_back(
-    original: Image.Image, edited: Image.Image, alpha: np.ndarray[Any, np.dtype[np.float32]]
-) -> Image.Image:
-    """Blend `edited` into `original` by `alpha`; wherever alpha is 0, bit-identical."""
-    orig = np.asarray(original)
-    blended = orig + (np.asarray(edited, dtype=np.float32) - orig) * alpha[..., None]
-    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    keep = alpha <= 0.0
-    out[keep] = orig[keep]
-    return Image.fromarray(out, "RGB")
+        alpha = feathered_alpha(mask, self.feather)  # once: every variant shares the mask
+        return [paste_back(original, e, alpha) for e in resized]
