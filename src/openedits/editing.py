@@ -257,7 +257,6 @@ class EditService:
         error = TaskCancelled("the task was cancelled before it started")
         body = failure_body(row.id, row.trace_id, error)
         if self.rt.store.finish(row.id, TaskState.cancelled, body, error_status=error.status_code):
-            self.rt.store.drop_payload(row.id)
             self.rt.bus.publish(TaskFinished(row.id, TaskState.cancelled))
         elif (current := self.rt.store.get(row.id)) and current.state is TaskState.running:
             # A worker claimed it between our read and our write: stop it at its next step.

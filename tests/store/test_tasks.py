@@ -59,7 +59,8 @@ def test_claim_order_is_priority_then_age(store: TaskStore, clock: Clock) -> Non
 def test_terminal_states_never_change(store: TaskStore) -> None:
     row = store.create(_new(1), {})
     assert store.claim(row.id, "w", 30)
-    assert store.finish(row.id, TaskState.cancelled, {"success": False})
+    assert not store.finish(row.id, TaskState.cancelled, {"success": False})  # not the holder
+    assert store.finish(row.id, TaskState.cancelled, {"success": False}, worker_id="w")
     assert not store.finish(row.id, TaskState.succeeded, {"success": True}, worker_id="w")
     assert not store.finish(row.id, TaskState.failed, {"success": False})
     assert not store.claim(row.id, "w2", 30)
@@ -94,6 +95,26 @@ def test_expired_lease_requeues_then_gives_up(store: TaskStore, clock: Clock) ->
     assert not store.finish(row.id, TaskState.succeeded, {}, worker_id="w3")
 
 
+def test_a_second_reaper_cannot_requeue_a_reclaimed_task(store: TaskStore, clock: Clock) -> None:
+    row = store.create(_new(1), {})
+    store.claim_next("w1", 10)
+    clock.now += 11
+    # Reaper A reads the task as expired; before it writes, reaper B requeues it and a live
+    # worker claims it under a fresh lease. A's write must then find nothing to do.
+    original = store._transition
+
+    def late_reaper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        store._transition = original  # type: ignore[method-assign]
+        assert store.requeue_expired(3) == ([row.id], [])
+        assert store.claim_next("w2", 10).id == row.id
+        return original(*args, **kwargs)
+
+    store._transition = late_reaper  # type: ignore[method-assign]
+    assert store.requeue_expired(3) == ([], [])
+    assert store.get(row.id).lease_owner == "w2"
+    assert store.heartbeat(row.id, "w2", 10)
+
+
 def test_heartbeat_keeps_a_slow_task(store: TaskStore, clock: Clock) -> None:
     row = store.create(_new(1), {})
     store.claim_next("w", 10)
@@ -111,8 +132,8 @@ def test_cancel_flag_and_payload_lifecycle(store: TaskStore) -> None:
     assert not store.cancel_requested(row.id)
     assert store.request_cancel(row.id)
     assert store.cancel_requested(row.id)
-    store.drop_payload(row.id)
-    assert store.payload(row.id) is None
+    assert store.finish(row.id, TaskState.cancelled, {"success": False}, worker_id="w")
+    assert store.payload(row.id) is None  # the inputs go with the task's end
 
 
 def test_page_filters_and_counts(store: TaskStore, clock: Clock) -> None:

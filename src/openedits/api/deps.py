@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+from anyio import to_thread
 from fastapi import Depends, Request
 
 from openedits.auth import Caller
@@ -59,6 +60,13 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         chunks += chunk
         if len(chunks) > limit:
             raise PayloadTooLarge(f"the request body is over {limit:,} bytes")
+    # Parsing and walking a large body takes CPU time: off the event loop, so one client's
+    # megabytes never stall every other request, stream and health check.
+    return await to_thread.run_sync(_parse, bytes(chunks))
+
+
+def _parse(chunks: bytes) -> dict[str, Any]:
+    """Decode and check a body (see read_json_object)."""
     if not chunks.strip():
         raise InvalidInput("the body is empty; send a JSON object such as {\"image_url\": …}")
     try:
@@ -119,15 +127,29 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
+_Node = tuple[Any, str | int] | None
+"""A parent link (parent node, key): paths are rebuilt only for an error message."""
+
+
+def _path(node: _Node) -> list[str | int]:
+    path: list[str | int] = []
+    while node is not None:
+        node, key = node
+        path.append(key)
+    return path[::-1]
+
+
 def _check_tree(body: dict[str, Any]) -> None:
     """Refuse bodies nested deeper than MAX_JSON_DEPTH, and strings no store can keep.
 
-    Walks without recursion, so the check itself cannot hit the recursion limit.
+    Walks without recursion, so the check itself cannot hit the recursion limit, and keeps
+    only a parent link per item, so a body of millions of items costs no path copies.
     """
-    stack: list[tuple[Any, list[str | int]]] = [(body, [])]
+    stack: list[tuple[Any, int, _Node]] = [(body, 0, None)]
     while stack:
-        value, path = stack.pop()
-        if len(path) > MAX_JSON_DEPTH:
+        value, depth, node = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            path = _path(node)
             raise InvalidInput(
                 f"the body nests deeper than {MAX_JSON_DEPTH} levels (at {_where(path)}); "
                 "send a flat JSON object such as {\"image_url\": …, \"prompt\": …}"
@@ -136,21 +158,22 @@ def _check_tree(body: dict[str, Any]) -> None:
             problem = _text_problem(value)
             if problem is not None:
                 raise InvalidInput(
-                    f"{_where(path) or 'the body'} contains {problem}; remove it and send "
-                    "plain text"
+                    f"{_where(_path(node)) or 'the body'} contains {problem}; remove it and "
+                    "send plain text"
                 )
         elif isinstance(value, dict):
             for key, item in value.items():
                 problem = _text_problem(key)
                 if problem is not None:
+                    where = _where(_path(node))
                     raise InvalidInput(
                         f"the body has a key {describe_value(key, 40)}"
-                        f"{' in ' + _where(path) if path else ''} that contains {problem}; "
+                        f"{' in ' + where if where else ''} that contains {problem}; "
                         "send valid Unicode text"
                     )
-                stack.append((item, [*path, key]))
+                stack.append((item, depth + 1, (node, key)))
         elif isinstance(value, list):
-            stack.extend((item, [*path, i]) for i, item in enumerate(value))
+            stack.extend((item, depth + 1, (node, i)) for i, item in enumerate(value))
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

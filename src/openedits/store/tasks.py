@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from openedits.schemas import TaskState
 from openedits.store._tables import task_payloads, tasks
@@ -122,11 +123,6 @@ class TaskStore:
             body = conn.execute(query).scalar_one_or_none()
         return dict(body) if body is not None else None
 
-    def drop_payload(self, task_id: str) -> None:
-        """Forget an ended task's inputs: client images are kept no longer than needed."""
-        with self.engine.begin() as conn:
-            conn.execute(delete(task_payloads).where(task_payloads.c.task_id == task_id))
-
     def get_by_trace(self, trace_id: str, *, owner: str | None = None) -> TaskRow | None:
         """The task a submit with this trace id created."""
         query = select(tasks).where(tasks.c.trace_id == trace_id)
@@ -188,15 +184,18 @@ class TaskStore:
         from_states: Sequence[TaskState],
         values: dict[str, Any],
         lease_owner: str | None = None,
+        also: Sequence[ColumnElement[bool]] = (),
         then: Callable[[Connection], None] | None = None,
     ) -> bool:
         """Apply `values` only if the task is in one of `from_states` (and, when given, still
-        leased by `lease_owner`). The WHERE clause makes the check and the write one atomic step,
-        so no path (a late worker, a second process) can move a task out of a terminal state.
+        leased by `lease_owner`, and matching the `also` conditions). The WHERE clause makes the
+        check and the write one atomic step, so no path (a late worker, a second process, a
+        second reaper) can act on a state it read earlier and that has changed since.
         `then` runs in the same transaction, only when the transition happened."""
         conditions = [tasks.c.id == task_id, tasks.c.state.in_([s.value for s in from_states])]
         if lease_owner is not None:
             conditions.append(tasks.c.lease_owner == lease_owner)
+        conditions.extend(also)
         with self.engine.begin() as conn:
             result = conn.execute(update(tasks).where(*conditions).values(**values))
             if result.rowcount != 1:
@@ -205,12 +204,13 @@ class TaskStore:
                 then(conn)
             return True
 
-    def _owe_callback(
+    def _on_end(
         self, task_id: str, response: dict[str, Any], now: float
     ) -> Callable[[Connection], None]:
-        """The outbox write that goes with a task's end: when the task has a callback_url, its
-        final body is queued in the same transaction as the state change, so no reader can see
-        the task ended while the callback it owes is not yet in the store."""
+        """The writes that go with a task's end, in the same transaction as the state change:
+        the callback it owes is queued in the outbox (so no reader can see the task ended while
+        its callback is not yet in the store), and the client's inputs are deleted (so a crash
+        right after the end cannot keep them forever)."""
 
         def write(conn: Connection) -> None:
             url = conn.execute(
@@ -218,8 +218,12 @@ class TaskStore:
             ).scalar_one_or_none()
             if url:
                 owe_callback(conn, task_id=task_id, url=url, body=response, now=now)
+            conn.execute(delete(task_payloads).where(task_payloads.c.task_id == task_id))
 
         return write
+
+    def _lease_expired(self) -> ColumnElement[bool]:
+        return or_(tasks.c.lease_expires_at.is_(None), tasks.c.lease_expires_at < self.clock())
 
     # --- workers
 
@@ -279,10 +283,12 @@ class TaskStore:
             lease_owner=worker_id,
         )
 
-    def set_seeds(self, task_id: str, seeds: list[int]) -> None:
-        """Record the per-variant seeds, so an edit can be reproduced."""
-        with self.engine.begin() as conn:
-            conn.execute(update(tasks).where(tasks.c.id == task_id).values(seeds=seeds))
+    def set_seeds(self, task_id: str, worker_id: str, seeds: list[int]) -> bool:
+        """Record the per-variant seeds, so an edit can be reproduced (lease holder only)."""
+        return self._transition(
+            task_id, from_states=[TaskState.running], values={"seeds": seeds},
+            lease_owner=worker_id,
+        )
 
     def finish(
         self,
@@ -293,9 +299,9 @@ class TaskStore:
         error_status: int | None = None,
         worker_id: str | None = None,
     ) -> bool:
-        """End a task. From running only by its lease holder; a pending task may be ended
-        directly (cancel, or a failure found before it ran). A callback the task owes is
-        queued in the outbox in the same transaction."""
+        """End a task. A running task only by its lease holder (`worker_id`); without one,
+        only a pending task (a cancel before it ran). A callback the task owes is queued in the
+        outbox, and its inputs deleted, in the same transaction."""
         if not state.is_terminal():
             raise ValueError(f"finish needs a terminal state, not {state.value}")
         now = self.clock()
@@ -310,13 +316,13 @@ class TaskStore:
         }
         if values["progress"] is None:
             del values["progress"]
-        from_states = [TaskState.running] if worker_id else [TaskState.pending, TaskState.running]
+        from_states = [TaskState.running] if worker_id else [TaskState.pending]
         return self._transition(
             task_id,
             from_states=from_states,
             values=values,
             lease_owner=worker_id,
-            then=self._owe_callback(task_id, response, now),
+            then=self._on_end(task_id, response, now),
         )
 
     def request_cancel(self, task_id: str) -> bool:
@@ -339,11 +345,7 @@ class TaskStore:
 
         Returns (requeued ids, ids left for the caller to fail because they used up
         `max_attempts`: a task that kills its worker every time must not loop forever)."""
-        now = self.clock()
-        expired = and_(
-            tasks.c.state == TaskState.running.value,
-            or_(tasks.c.lease_expires_at.is_(None), tasks.c.lease_expires_at < now),
-        )
+        expired = and_(tasks.c.state == TaskState.running.value, self._lease_expired())
         with self.engine.connect() as conn:
             rows = conn.execute(select(tasks.c.id, tasks.c.attempts).where(expired)).all()
         requeued: list[str] = []
@@ -362,35 +364,30 @@ class TaskStore:
                     "started_at": None,
                     "progress": 0,
                 },
+                # Re-checked in the write: another reaper may have requeued the task and a
+                # worker claimed it under a fresh lease since the select above.
+                also=[self._lease_expired()],
             ):
                 requeued.append(task_id)
         return requeued, exhausted
 
     def fail_expired(self, task_id: str, response: dict[str, Any], error_status: int) -> bool:
-        """Fail a running task whose lease expired after its last allowed attempt (queueing
-        the callback it owes in the same transaction)."""
+        """Fail a running task whose lease expired after its last allowed attempt."""
         now = self.clock()
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.id == task_id,
-                    tasks.c.state == TaskState.running.value,
-                    or_(tasks.c.lease_expires_at.is_(None), tasks.c.lease_expires_at < now),
-                )
-                .values(
-                    state=TaskState.failed.value,
-                    response=response,
-                    error_status=error_status,
-                    finished_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            )
-            if result.rowcount != 1:
-                return False
-            self._owe_callback(task_id, response, now)(conn)
-            return True
+        return self._transition(
+            task_id,
+            from_states=[TaskState.running],
+            values={
+                "state": TaskState.failed.value,
+                "response": response,
+                "error_status": error_status,
+                "finished_at": now,
+                "lease_owner": None,
+                "lease_expires_at": None,
+            },
+            also=[self._lease_expired()],
+            then=self._on_end(task_id, response, now),
+        )
 
     def is_duplicate_key_error(self, error: Exception) -> bool:
         """True when an insert failed on the idempotency key's unique constraint."""

@@ -54,7 +54,6 @@ def reap_expired(rt: Runtime) -> int:
         )
         body = failure_body(task_id, row.trace_id, error)
         if rt.store.fail_expired(task_id, body, error.status_code):
-            rt.store.drop_payload(task_id)
             rt.bus.publish(TaskFinished(task_id, TaskState.failed))
     return len(requeued) + len(exhausted)
 

@@ -125,7 +125,7 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
 
     on_progress(0.0)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    rt.store.set_seeds(row.id, [seed + i for i in range(VARIANTS)])
+    rt.store.set_seeds(row.id, worker_id, [seed + i for i in range(VARIANTS)])
     preset: Preset = body.mode
     t_engine = time.perf_counter()
     with rt.device_lock:
@@ -241,7 +241,6 @@ def _run(rt: Runtime, row: TaskRow, worker_id: str) -> TaskState | None:
         current = rt.store.get(task_id)
         log.info("task result dropped; task is %s", current and current.state.value)
         return None
-    rt.store.drop_payload(task_id)
     log.info("task %s", state.value)
     rt.bus.publish(TaskFinished(task_id, state))
     return state

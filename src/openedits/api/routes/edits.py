@@ -52,8 +52,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def create_edit(
     request: Request,
-    body: JsonBodyDep,
+    # The caller before the body: a bad token is refused before any body is read.
     caller: CallerDep,
+    body: JsonBodyDep,
     service: ServiceDep,
     rt: RuntimeDep,
     trace_id: TraceIdDep,

@@ -25,7 +25,7 @@ router = APIRouter(tags=["tasks"])
         }
     },
 )
-def tasks(body: JsonBodyDep, caller: CallerDep, service: ServiceDep) -> Any:
+def tasks(caller: CallerDep, body: JsonBodyDep, service: ServiceDep) -> Any:
     """Read tasks (`retrieve`, `retrieve_batch`) or stop one (`cancel`).
 
     A plain `def`: FastAPI runs it in its threadpool, so the store's queries never block the
