@@ -54,3 +54,10 @@ def test_bad_configuration_is_one_line(env: Path, monkeypatch: pytest.MonkeyPatc
     result = runner.invoke(app, ["migrate"])
     assert result.exit_code == 2
     assert "OPENEDITS_UPSTREAM_URL" in result.output
+
+
+def test_a_broker_url_is_refused_not_ignored(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENEDITS_BROKER_URL", "redis://127.0.0.1:6379/0")
+    result = runner.invoke(app, ["migrate"])
+    assert result.exit_code == 2
+    assert "OPENEDITS_BROKER_URL" in result.output and "in-process" in result.output

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +42,6 @@ class Runtime:
     fetcher: Fetcher
     bus: EventBus
     clock: Callable[[], float] = time.time
-    # One engine job at a time per device: a second job would only fight for the same memory.
-    device_lock: threading.Lock = field(default_factory=threading.Lock)
     # Result PNGs encode here in parallel (zlib releases the GIL); kept for the process's life
     # because starting five threads per task cost more than the encoding on a busy machine.
     encoder: ThreadPoolExecutor = field(

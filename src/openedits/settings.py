@@ -97,6 +97,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        if self.broker_url:
+            # Refused rather than ignored: silently running the engine in the API process
+            # while the operator thinks workers elsewhere do it would be worse.
+            raise ValueError(
+                "OPENEDITS_BROKER_URL is set, but Celery workers are not available in this "
+                "version; unset it to run tasks on in-process workers"
+            )
         if self.engine == "upstream" and not self.upstream_url:
             raise ValueError(
                 "OPENEDITS_ENGINE=upstream needs OPENEDITS_UPSTREAM_URL (the server to forward to)"

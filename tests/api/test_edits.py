@@ -191,3 +191,12 @@ def test_seed_reproduces_the_variants(client: TestClient, image) -> None:
     b = client.post("/midjourney/edits", headers=AUTH, json=body).json()
     for ua, ub in zip(a["sub_image_urls"], b["sub_image_urls"], strict=True):
         assert _get_image(client, ua).tobytes() == _get_image(client, ub).tobytes()
+
+
+def test_the_app_serves_again_after_its_lifespan_restarts(settings: Settings, image) -> None:
+    app = create_app(settings, engine=FakeEngine())
+    body = {"image_url": data_uri(image), "prompt": "x"}
+    for _ in range(2):
+        with TestClient(app) as tc:
+            r = tc.post("/midjourney/edits", headers=AUTH, json=body)
+            assert r.status_code == 200, r.text

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -52,8 +53,11 @@ def create_app(
         try:
             yield
         finally:
-            disp.stop()
-            deliveries.stop()
+            # Joining threads blocks: off the event loop, so in-flight replies still go out.
+            await to_thread.run_sync(disp.stop)
+            await to_thread.run_sync(deliveries.stop)
+            if runtime is None:
+                rt.db.dispose()
 
     app = FastAPI(
         title="openedits",

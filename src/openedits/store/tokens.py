@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from openedits.store._tables import kv, tokens
 
@@ -125,7 +126,7 @@ class KeyValueStore:
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(kv).values(key=key, value=factory()))
-        except Exception:
+        except IntegrityError:
             # Another process won the race; its value is the one to keep.
             pass
         value = self.get(key)

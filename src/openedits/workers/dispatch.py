@@ -65,6 +65,8 @@ class InProcessDispatcher:
     rows left running by a dead process come back through the lease reaper.
     """
 
+    name = "in-process"
+
     def __init__(self, rt: Runtime, *, threads: int | None = None) -> None:
         self.rt = rt
         self.threads = threads or rt.settings.workers_per_device
@@ -75,6 +77,8 @@ class InProcessDispatcher:
 
     def start(self) -> None:
         """Reap leftovers from a previous life, then start the workers and the reaper."""
+        self._stop.clear()
+        self._workers = []
         reap_expired(self.rt)
         for i in range(self.threads):
             t = threading.Thread(target=self._work, args=(f"{self._node}-w{i}",), daemon=True,

@@ -128,20 +128,21 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
     rt.store.set_seeds(row.id, worker_id, [seed + i for i in range(VARIANTS)])
     preset: Preset = body.mode
     t_engine = time.perf_counter()
-    with rt.device_lock:
-        if should_cancel():
-            raise TaskCancelled("the task was cancelled")
-        rt.engine.load(rt.settings.device)
-        variants = rt.engine.edit(
-            image,
-            mask,
-            body.prompt,
-            n=VARIANTS,
-            seed=seed,
-            preset=preset,
-            on_progress=on_progress,
-            should_cancel=should_cancel,
-        )
+    if should_cancel():
+        raise TaskCancelled("the task was cancelled")
+    # Engines that own a device serialise their jobs on it themselves (diffusers waits for its
+    # device in slices, so a queued task can still be cancelled); opencv and upstream need none.
+    rt.engine.load(rt.settings.device)
+    variants = rt.engine.edit(
+        image,
+        mask,
+        body.prompt,
+        n=VARIANTS,
+        seed=seed,
+        preset=preset,
+        on_progress=on_progress,
+        should_cancel=should_cancel,
+    )
     if should_cancel(force=True):
         # A cancel that arrived during the last step still wins over the result.
         raise TaskCancelled("the task was cancelled")

@@ -118,8 +118,9 @@ async def _stream(
         if progress <= last:
             return None
         last = progress
-        # `success: true` with progress < 100: the hosted clients' "running".
-        body = {"success": True, "task_id": task_id, "progress": progress}
+        # No `success` key while running, as in the task record: a receiver that trusts
+        # `success: true` must never take a progress body for the finished edit.
+        body = {"task_id": task_id, "progress": progress}
         if callback_url:
             deliveries.post_progress(task_id, callback_url, body)
         return _line(body)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlalchemy import text
 
 from openedits import __version__
@@ -16,8 +16,10 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz(rt: RuntimeDep) -> dict[str, Any]:
+def healthz(request: Request, rt: RuntimeDep) -> dict[str, Any]:
     """Liveness and what this server runs: engine, model, device, store, queue depth."""
+    state = request.app.state
+    dispatcher = getattr(state.dispatcher, "name", type(state.dispatcher).__name__)
     info = rt.engine.info()
     store_ok = True
     try:
@@ -37,5 +39,5 @@ def healthz(rt: RuntimeDep) -> dict[str, Any]:
         },
         "store": {"backend": rt.db.dialect.name, "ok": store_ok},
         "queue": {"active": rt.store.count_active() if store_ok else None},
-        "dispatcher": "celery" if rt.settings.broker_url else "in-process",
+        "dispatcher": dispatcher,
     }
