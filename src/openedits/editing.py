@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from anyio import to_thread
@@ -15,6 +16,7 @@ from openedits._ids import new_task_id
 from openedits._net import NetPolicy, check_url
 from openedits.auth import Authenticator, Caller
 from openedits.errors import (
+    EngineFailed,
     InvalidInput,
     NotImplementedOnServer,
     PromptRefused,
@@ -29,7 +31,7 @@ from openedits.runtime import Runtime
 from openedits.schemas import EditCreate, TasksRequest, TaskState
 from openedits.store.tasks import PRIORITY, NewTask, TaskRow
 from openedits.workers.dispatch import Dispatcher
-from openedits.workers.events import TaskFinished
+from openedits.workers.events import TaskEvent, TaskFinished, TaskProgress
 
 __all__ = ["EditService", "digest_request"]
 
@@ -188,25 +190,61 @@ class EditService:
             )
         return existing
 
-    async def wait(self, task_id: str, timeout: float) -> TaskRow:
-        """Hold until the task ends. Events wake the waiter at once; a slow poll of the store
-        covers tasks run by workers in other processes."""
+    async def follow(
+        self,
+        task_id: str,
+        timeout: float,
+        *,
+        is_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> AsyncIterator[int | TaskRow]:
+        """Yield the task's progress each time it rises, then its ended row.
+
+        Progress events carry their value and need no store read; any other wake (start,
+        finish, a quiet second) re-reads the row, which also covers events missed before the
+        watch began and workers in other processes. Stops early, yielding nothing more, when
+        `is_gone()` says the client has left. Raises SyncTimeout after `timeout` seconds.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        last = -1
         with self.rt.bus.watch(task_id) as watch:
+            event: TaskEvent | None = None
             while True:
-                row = await to_thread.run_sync(self.rt.store.get, task_id)
-                if row is None:
-                    raise InvalidInput(f"task {task_id} vanished")
-                if row.state.is_terminal():
-                    return row
+                if isinstance(event, TaskProgress):
+                    progress = event.progress
+                else:
+                    row = await to_thread.run_sync(self.rt.store.get, task_id)
+                    if row is None:
+                        raise EngineFailed(f"task {task_id} vanished from the store")
+                    if row.state.is_terminal():
+                        yield row
+                        return
+                    progress = row.progress
+                if progress > last:
+                    last = progress
+                    yield progress
+                if is_gone is not None and await is_gone():
+                    return
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise SyncTimeout(
                         f"task {task_id} did not finish within {timeout:.0f} s; it goes on: "
                         "poll POST /midjourney/tasks with this id, or submit with async: true"
                     )
-                await watch.next(min(remaining, 1.0))
+                event = await watch.next(min(remaining, 1.0))
+
+    async def wait(
+        self,
+        task_id: str,
+        timeout: float,
+        *,
+        is_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> TaskRow | None:
+        """Hold until the task ends; None when the client left first (the task goes on)."""
+        async for item in self.follow(task_id, timeout, is_gone=is_gone):
+            if isinstance(item, TaskRow):
+                return item
+        return None
 
     # --- tasks
 

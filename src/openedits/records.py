@@ -8,17 +8,18 @@ from openedits.errors import OpenEditsError
 from openedits.schemas import TaskState
 from openedits.store.tasks import TaskRow
 
-__all__ = ["failure_body", "task_record"]
+__all__ = ["envelope", "failure_body", "task_record"]
+
+
+def envelope(code: str, message: str, trace_id: str) -> dict[str, Any]:
+    """The error body of CONTRACT.md, for every error from every layer."""
+    return {"success": False, "error": {"code": code, "message": message}, "trace_id": trace_id}
 
 
 def failure_body(task_id: str, trace_id: str, error: OpenEditsError) -> dict[str, Any]:
-    """The body of a failed or cancelled task (callbacks, stream lines, records)."""
-    return {
-        "success": False,
-        "task_id": task_id,
-        "error": error.to_error(),
-        "trace_id": trace_id,
-    }
+    """The body of a failed or cancelled task (callbacks, stream lines, records): the
+    envelope, with the task's id."""
+    return {**envelope(error.code, error.message, trace_id), "task_id": task_id}
 
 
 def task_record(row: TaskRow) -> dict[str, Any]:

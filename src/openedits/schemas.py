@@ -13,7 +13,6 @@ __all__ = [
     "EditResult",
     "ErrorBody",
     "ErrorDetail",
-    "TaskFailure",
     "TaskPublic",
     "TaskState",
     "TasksBatch",
@@ -110,15 +109,6 @@ class EditResult(BaseModel):
     sub_image_urls: list[str] = Field(default_factory=list)
     progress: int = 100
     actions: list[str] = Field(default_factory=list)
-
-
-class TaskFailure(BaseModel):
-    """A failed or cancelled task, in callbacks, stream lines and task records."""
-
-    success: Literal[False] = False
-    task_id: str
-    error: ErrorDetail
-    trace_id: str
 
 
 class TaskPublic(BaseModel):

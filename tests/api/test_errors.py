@@ -163,3 +163,11 @@ def test_opencv_without_mask_is_400(tmp_path, image) -> None:
         r = tc.post("/midjourney/edits", headers=AUTH,
                     json={"image_url": data_uri(image), "prompt": "x"})
         assert "mask" in _check_envelope(r, 400, "bad_request")["error"]["message"]
+
+
+def test_the_token_is_checked_before_the_body_is_read(client: TestClient) -> None:
+    # A tokenless client's body is never parsed: garbage without a token is a 401, not a 400.
+    for path in ("/midjourney/edits", "/midjourney/tasks"):
+        r = client.post(path, headers={"content-type": "application/json"},
+                        content=b"[" * 100_000)
+        _check_envelope(r, 401, "invalid_token")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,15 +21,11 @@ from openedits.errors import (
     describe_value,
     validation_message,
 )
+from openedits.records import envelope
 
 __all__ = ["TraceMiddleware", "envelope", "install_error_handlers"]
 
 log = logging.getLogger("openedits.api")
-
-def envelope(code: str, message: str, trace_id: str) -> dict[str, Any]:
-    """The error body of CONTRACT.md."""
-    return {"success": False, "error": {"code": code, "message": message}, "trace_id": trace_id}
-
 
 def _trace_id(request: Request) -> str:
     return getattr(request.state, "trace_id", None) or new_trace_id()

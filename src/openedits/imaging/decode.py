@@ -15,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from openedits.errors import ImageInvalid, ImageTooLarge, OpenEditsError
 
 __all__ = [
+    "ALPHA_MODES",
+    "DEEP_MODES",
     "FORMATS",
     "DecodedImage",
     "LoadedImage",
@@ -31,8 +33,8 @@ are refused: each is more attack surface and none is a plausible photo or mask u
 multi-picture JPEG opens through "JPEG" and reports itself as "MPO".)"""
 
 _FORMAT_NAMES = "a PNG, JPEG, WebP, GIF, BMP or TIFF image"
-_DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 # warnings.catch_warnings swaps the process-wide filter list, so two threads inside it at once
 # could leave each other's filters behind; decoding is serialised through this lock instead.
@@ -173,9 +175,9 @@ def deep_to_l(im: Image.Image) -> Image.Image:
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB from any mode: palette, grey, deep, CMYK; alpha is composited on white."""
-    if im.mode in _DEEP_MODES:
+    if im.mode in DEEP_MODES:
         im = deep_to_l(im)
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageChops
 
 from openedits.errors import ImageInvalid, InvalidInput
-from openedits.imaging.decode import deep_to_l, load_checked, pillow_guard
+from openedits.imaging.decode import ALPHA_MODES, DEEP_MODES, deep_to_l, load_checked, pillow_guard
 
 __all__ = ["composite", "decode_mask"]
 
@@ -14,8 +14,6 @@ _THRESHOLD = 128
 # How far the colour of an alpha mask may vary and still count as "uniform": lossy WebP
 # alpha masks wobble a few levels around their single colour.
 _UNIFORM_TOLERANCE = 16
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
 def _threshold(im: Image.Image, *, invert: bool = False) -> Image.Image:
@@ -27,9 +25,9 @@ def _threshold(im: Image.Image, *, invert: bool = False) -> Image.Image:
 
 def _binarize(im: Image.Image) -> tuple[Image.Image, str]:
     """The regenerate region (255) of a loaded mask, and how it was read (for messages)."""
-    if im.mode in _DEEP_MODES:
+    if im.mode in DEEP_MODES:
         im = deep_to_l(im)
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
         rgba = im.convert("RGBA")
         alpha = rgba.getchannel("A")
         if int(np.asarray(alpha).min()) < 255:

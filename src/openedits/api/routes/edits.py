@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from openedits.api._errors import envelope
 from openedits.api.deps import CallerDep, JsonBodyDep, RuntimeDep, ServiceDep, TraceIdDep
-from openedits.errors import EngineFailed, SyncTimeout
+from openedits.editing import EditService
+from openedits.errors import EngineFailed, OpenEditsError
 from openedits.records import failure_body
-from openedits.runtime import Runtime
 from openedits.schemas import EditAccepted, EditCreate, EditResult, ErrorBody, TaskState
+from openedits.store.tasks import TaskRow
 from openedits.webhooks.delivery import DeliveryLoop
-from openedits.workers.events import TaskEvent, TaskProgress
 
 __all__ = ["router"]
 
@@ -75,24 +75,24 @@ async def create_edit(
         # Asking for a stream beats `async` and `callback_url`: the caller said how it waits.
         deliveries: DeliveryLoop = request.app.state.deliveries
         return StreamingResponse(
-            _stream(rt, deliveries, row.id, row.trace_id, rt.settings.sync_timeout_seconds),
+            _stream(service, deliveries, row, rt.settings.sync_timeout_seconds),
             media_type=NDJSON,
         )
     if edit.async_ or edit.callback_url is not None:
         return EditAccepted(task_id=row.id, trace_id=row.trace_id).model_dump()
-    row = await service.wait(row.id, rt.settings.sync_timeout_seconds)
-    if row.state is TaskState.succeeded and row.response is not None:
-        return row.response
-    response = dict(row.response or {})
+    ended = await service.wait(
+        row.id, rt.settings.sync_timeout_seconds, is_gone=request.is_disconnected
+    )
+    if ended is None:
+        # The client hung up; the task goes on and stays retrievable. Nobody reads this.
+        return Response(status_code=499)
+    if ended.state is TaskState.succeeded and ended.response is not None:
+        return ended.response
+    error = (ended.response or {}).get("error") or {"code": "api_error", "message": "failed"}
     # The error reply is the contract's envelope; the task id rides along as an extra key.
     return JSONResponse(
-        {
-            "success": False,
-            "error": response.get("error", {"code": "api_error", "message": "task failed"}),
-            "trace_id": trace_id,
-            "task_id": row.id,
-        },
-        status_code=row.error_status or 500,
+        {**envelope(error["code"], error["message"], trace_id), "task_id": ended.id},
+        status_code=ended.error_status or 500,
     )
 
 
@@ -101,62 +101,24 @@ def _line(body: dict[str, Any]) -> bytes:
 
 
 async def _stream(
-    rt: Runtime, deliveries: DeliveryLoop, task_id: str, trace_id: str, timeout: float
+    service: EditService, deliveries: DeliveryLoop, row: TaskRow, timeout: float
 ) -> AsyncIterator[bytes]:
-    """One result body per progress change, then the final result or failure body.
-
-    Events wake the stream at once; each wake re-reads the store (which also covers events
-    missed before the watch began, and workers in other processes). With a callback_url, each
-    progress body is also POSTed there, best effort; the final one goes through the outbox.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last = -1
-
-    def progressed(progress: int, callback_url: str | None) -> bytes | None:
-        nonlocal last
-        if progress <= last:
-            return None
-        last = progress
-        # No `success` key while running, as in the task record: a receiver that trusts
-        # `success: true` must never take a progress body for the finished edit.
-        body = {"task_id": task_id, "progress": progress}
-        if callback_url:
-            deliveries.post_progress(task_id, callback_url, body)
-        return _line(body)
-
+    """One body per progress change, then the final result or failure body. With a
+    callback_url, each progress body is also POSTed there, best effort; the final one goes
+    through the outbox."""
     try:
-        with rt.bus.watch(task_id) as watch:
-            event: TaskEvent | None = None
-            callback_url: str | None = None
-            while True:
-                # Progress events carry their value, so they need no store read; anything
-                # else (start, finish, a quiet second) re-reads the row, which also covers
-                # events missed before the watch began and workers in other processes.
-                if isinstance(event, TaskProgress):
-                    line = progressed(event.progress, callback_url)
-                else:
-                    row = await to_thread.run_sync(rt.store.get, task_id)
-                    if row is None:
-                        vanished = EngineFailed(f"task {task_id} vanished")
-                        yield _line(failure_body(task_id, trace_id, vanished))
-                        return
-                    if row.state.is_terminal():
-                        yield _line(row.response or failure_body(
-                            task_id, row.trace_id, EngineFailed("the task ended without a result")))
-                        return
-                    callback_url = row.callback_url
-                    line = progressed(row.progress, callback_url)
-                if line is not None:
-                    yield line
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    error = SyncTimeout(
-                        f"task {task_id} did not finish within {timeout:.0f} s; it goes on: "
-                        "poll POST /midjourney/tasks with this id"
-                    )
-                    yield _line(failure_body(task_id, trace_id, error))
-                    return
-                event = await watch.next(min(remaining, 1.0))
+        async for item in service.follow(row.id, timeout):
+            if isinstance(item, TaskRow):
+                yield _line(item.response or failure_body(
+                    row.id, row.trace_id, EngineFailed("the task ended without a result")))
+                return
+            # No `success` key while running, as in the task record: a receiver that trusts
+            # `success: true` must never take a progress body for the finished edit.
+            body = {"task_id": row.id, "progress": item}
+            yield _line(body)
+            if row.callback_url:
+                deliveries.post_progress(row.id, row.callback_url, body)
+    except OpenEditsError as exc:
+        yield _line(failure_body(row.id, row.trace_id, exc))
     finally:
-        deliveries.forget_progress(task_id)
+        deliveries.forget_progress(row.id)
