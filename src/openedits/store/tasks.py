@@ -389,6 +389,32 @@ class TaskStore:
             then=self._on_end(task_id, response, now),
         )
 
+    def ended_before(self, cutoff: float, limit: int = 500) -> list[str]:
+        """Ids of tasks that ended before `cutoff` (Unix seconds), oldest first."""
+        terminal = [s.value for s in TaskState if s.is_terminal()]
+        query = (
+            select(tasks.c.id)
+            .where(tasks.c.state.in_(terminal), tasks.c.finished_at < cutoff)
+            .order_by(tasks.c.finished_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def forget(self, task_id: str, cutoff: float) -> bool:
+        """Delete an ended task that finished before `cutoff`; never a live one."""
+        terminal = [s.value for s in TaskState if s.is_terminal()]
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                delete(tasks).where(
+                    tasks.c.id == task_id,
+                    tasks.c.state.in_(terminal),
+                    tasks.c.finished_at < cutoff,
+                )
+            )
+            conn.execute(delete(task_payloads).where(task_payloads.c.task_id == task_id))
+            return result.rowcount == 1
+
     def is_duplicate_key_error(self, error: Exception) -> bool:
         """True when an insert failed on the idempotency key's unique constraint."""
         return isinstance(error, IntegrityError)

@@ -6,10 +6,12 @@ import logging
 import os
 import secrets
 import threading
+import time
 from typing import Protocol
 
 from openedits.errors import EngineFailed
 from openedits.records import failure_body
+from openedits.retention import purge_expired
 from openedits.runtime import Runtime
 from openedits.schemas import TaskState
 from openedits.workers.events import TaskFinished
@@ -18,6 +20,8 @@ from openedits.workers.runner import run_task
 __all__ = ["Dispatcher", "InProcessDispatcher", "reap_expired"]
 
 log = logging.getLogger(__name__)
+# Retention is counted in days; looking once an hour is plenty.
+_PURGE_EVERY = 3600.0
 
 
 class Dispatcher(Protocol):
@@ -120,7 +124,17 @@ class InProcessDispatcher:
                 log.exception("run_task escaped", extra={"task_id": row.id})
 
     def _reap(self) -> None:
-        while not self._stop.wait(self.rt.settings.reaper_interval_seconds):
+        next_purge = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_purge:
+                next_purge = now + _PURGE_EVERY
+                try:
+                    purge_expired(self.rt)
+                except Exception:
+                    log.exception("purging expired tasks failed")
+            if self._stop.wait(self.rt.settings.reaper_interval_seconds):
+                return
             try:
                 if reap_expired(self.rt):
                     self._wake.set()
