@@ -9,17 +9,9 @@ from openedits.runtime import Runtime
 from openedits.schemas import TaskState
 from openedits.settings import Settings
 from openedits.store.tasks import NewTask
-from tests.fakes import FakeEngine
+from tests.fakes import FakeClock, FakeEngine
 
 DAY = 86400.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _task(rt: Runtime, i: int, *, end: TaskState | None) -> str:
@@ -36,7 +28,7 @@ def _task(rt: Runtime, i: int, *, end: TaskState | None) -> str:
 
 
 def test_only_tasks_ended_before_the_retention_go(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000_000.0)
     rt = Runtime.build(Settings(data_dir=tmp_path, retention_days=2), engine=FakeEngine(),
                        clock=clock)
     try:

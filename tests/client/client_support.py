@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +14,8 @@ from typing import Any
 
 import httpx
 from PIL import Image, ImageDraw
+
+from tests.servers import serve_in_thread
 
 TOKEN = "test-token"
 
@@ -233,12 +232,6 @@ class FakeServer:
 # --- the real app ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class LiveServer:
     url: str
@@ -248,8 +241,6 @@ class LiveServer:
 @contextmanager
 def serve(data_dir: Path, **overrides: Any) -> Iterator[LiveServer]:
     """The real app, engine opencv, served by uvicorn in a thread on a free loopback port."""
-    import uvicorn
-
     from openedits.api.app import create_app
     from openedits.settings import Settings
 
@@ -261,20 +252,5 @@ def serve(data_dir: Path, **overrides: Any) -> Iterator[LiveServer]:
         "rate_limit": "10000/minute",
         **overrides,
     }
-    settings = Settings(**options)
-    app = create_app(settings)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveServer(url=f"http://127.0.0.1:{port}", data_dir=data_dir)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serve_in_thread(create_app(Settings(**options))) as url:
+        yield LiveServer(url=url, data_dir=data_dir)

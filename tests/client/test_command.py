@@ -12,11 +12,11 @@ from openedits.client._command import register
 from tests.client.client_support import (
     TOKEN,
     LiveServer,
-    free_port,
     mask_bytes,
     png_bytes,
     size_of,
 )
+from tests.servers import free_port
 
 
 def make_app() -> typer.Typer:

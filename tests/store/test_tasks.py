@@ -10,23 +10,16 @@ from sqlalchemy import inspect
 from openedits.schemas import TaskState
 from openedits.store.database import create_db_engine, migrate
 from openedits.store.tasks import NewTask, TaskStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(1000.0)
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> TaskStore:
+def store(tmp_path: Path, clock: FakeClock) -> TaskStore:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     return TaskStore(engine, clock=clock)
@@ -47,7 +40,7 @@ def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
-def test_claim_order_is_priority_then_age(store: TaskStore, clock: Clock) -> None:
+def test_claim_order_is_priority_then_age(store: TaskStore, clock: FakeClock) -> None:
     for i, priority in enumerate([2, 1, 0, 1]):
         clock.now += 1
         store.create(_new(i, priority), {"p": i})
@@ -76,7 +69,7 @@ def test_only_the_lease_holder_finishes(store: TaskStore) -> None:
     assert store.get(row.id).progress == 100
 
 
-def test_expired_lease_requeues_then_gives_up(store: TaskStore, clock: Clock) -> None:
+def test_expired_lease_requeues_then_gives_up(store: TaskStore, clock: FakeClock) -> None:
     row = store.create(_new(1), {})
     for attempt in range(1, 4):
         assert store.claim_next(f"w{attempt}", 10).id == row.id
@@ -95,7 +88,9 @@ def test_expired_lease_requeues_then_gives_up(store: TaskStore, clock: Clock) ->
     assert not store.finish(row.id, TaskState.succeeded, {}, worker_id="w3")
 
 
-def test_a_second_reaper_cannot_requeue_a_reclaimed_task(store: TaskStore, clock: Clock) -> None:
+def test_a_second_reaper_cannot_requeue_a_reclaimed_task(
+    store: TaskStore, clock: FakeClock
+) -> None:
     row = store.create(_new(1), {})
     store.claim_next("w1", 10)
     clock.now += 11
@@ -115,7 +110,7 @@ def test_a_second_reaper_cannot_requeue_a_reclaimed_task(store: TaskStore, clock
     assert store.heartbeat(row.id, "w2", 10)
 
 
-def test_heartbeat_keeps_a_slow_task(store: TaskStore, clock: Clock) -> None:
+def test_heartbeat_keeps_a_slow_task(store: TaskStore, clock: FakeClock) -> None:
     row = store.create(_new(1), {})
     store.claim_next("w", 10)
     for _ in range(5):
@@ -136,7 +131,7 @@ def test_cancel_flag_and_payload_lifecycle(store: TaskStore) -> None:
     assert store.payload(row.id) is None  # the inputs go with the task's end
 
 
-def test_page_filters_and_counts(store: TaskStore, clock: Clock) -> None:
+def test_page_filters_and_counts(store: TaskStore, clock: FakeClock) -> None:
     for i in range(5):
         clock.now += 1
         store.create(_new(i), {})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,23 +17,18 @@ from openedits.schemas import TaskState
 from openedits.settings import Settings
 from openedits.store.tasks import NewTask
 from openedits.webhooks import Delivery, DeliveryState, Outbox
-from tests.conftest import AUTH, TOKEN, data_uri
+from tests.conftest import AUTH, data_uri
 from tests.fakes import FakeEngine, serve_receiver
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        api_tokens=TOKEN,
-        allow_private_urls=True,
-        lease_seconds=5,
-        reaper_interval_seconds=0.5,
-        sync_timeout_seconds=30,
-        webhook_retry_delays="0.1s,0.2s,0.3s",
-        webhook_poll_seconds=0.2,
-        webhook_timeout_seconds=2,
-    )
+def settings(settings: Settings) -> Settings:
+    """The shared test settings, with callbacks retried in fractions of a second."""
+    return settings.model_copy(update={
+        "webhook_retry_delays": "0.1s,0.2s,0.3s",
+        "webhook_poll_seconds": 0.2,
+        "webhook_timeout_seconds": 2,
+    })
 
 
 @pytest.fixture
