@@ -13,34 +13,25 @@ real checkpoint): the server's fixed costs against an engine that takes seconds,
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.conftest import data_uri
 from tests.engines.contract import make_test_image, make_test_mask
-from tests.servers import free_port
+from tests.servers import serve_in_thread
 
 from openedits.api.app import create_app
 from openedits.engines.base import Engine
 from openedits.engines.opencv import OpenCVEngine
 from openedits.settings import Settings
-
-
-def _data_uri(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def main() -> None:
@@ -78,19 +69,12 @@ def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Ima
         settings = Settings(data_dir=Path(tmp), api_tokens="bench", log_level="WARNING",
                             rate_limit="off")
         app = create_app(settings, engine=engine)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        body = {"image_url": _data_uri(image), "mask": _data_uri(mask), "prompt": "bench",
+        body = {"image_url": data_uri(image), "mask": data_uri(mask), "prompt": "bench",
                 "split_images": True}
         headers = {"authorization": "Bearer bench"}
         end_to_end: list[float] = []
         compute: list[float] = []
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as client:
             client.post("/midjourney/edits", json=body, headers=headers).raise_for_status()
             for _ in range(args.n):
                 # Interleave the two measurements so drift on the machine hits both alike.
@@ -101,8 +85,6 @@ def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Ima
                 r = client.post("/midjourney/edits", json=body, headers=headers)
                 end_to_end.append(time.perf_counter() - t0)
                 r.raise_for_status()
-        server.should_exit = True
-        thread.join(10)
 
     e2e, eng = statistics.median(end_to_end), statistics.median(compute)
     print(f"engine {engine.name}, image {args.size}x{args.size}, 4 variants, n={args.n} (medians)")

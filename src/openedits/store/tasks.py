@@ -69,6 +69,20 @@ class TaskRow:
         return cls(**values)
 
 
+def _ended(
+    state: TaskState, response: dict[str, Any], error_status: int | None, now: float
+) -> dict[str, Any]:
+    """The column values of a task's end, whichever path ends it."""
+    return {
+        "state": state.value,
+        "response": response,
+        "error_status": error_status,
+        "finished_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+
+
 class TaskStore:
     """Tasks in a SQL database. Thread-safe; every method is one short transaction."""
 
@@ -305,17 +319,9 @@ class TaskStore:
         if not state.is_terminal():
             raise ValueError(f"finish needs a terminal state, not {state.value}")
         now = self.clock()
-        values = {
-            "state": state.value,
-            "response": response,
-            "error_status": error_status,
-            "progress": 100 if state is TaskState.succeeded else None,
-            "finished_at": now,
-            "lease_owner": None,
-            "lease_expires_at": None,
-        }
-        if values["progress"] is None:
-            del values["progress"]
+        values = _ended(state, response, error_status, now)
+        if state is TaskState.succeeded:
+            values["progress"] = 100
         from_states = [TaskState.running] if worker_id else [TaskState.pending]
         return self._transition(
             task_id,
@@ -377,14 +383,7 @@ class TaskStore:
         return self._transition(
             task_id,
             from_states=[TaskState.running],
-            values={
-                "state": TaskState.failed.value,
-                "response": response,
-                "error_status": error_status,
-                "finished_at": now,
-                "lease_owner": None,
-                "lease_expires_at": None,
-            },
+            values=_ended(TaskState.failed, response, error_status, now),
             also=[self._lease_expired()],
             then=self._on_end(task_id, response, now),
         )
