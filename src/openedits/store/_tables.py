@@ -9,6 +9,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -52,6 +53,10 @@ tasks = Table(
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("idempotency_key", String(255), nullable=True),
     Column("request_hash", String(64), nullable=True),
+    # Seconds per phase (queue, inputs, engine, results, total), set when the task ends.
+    Column("timings", JSON, nullable=True),
+    # What the server did differently for this task (e.g. an out-of-memory retry), for the record.
+    Column("notes", JSON, nullable=True),
     UniqueConstraint("owner", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
     Index("ix_tasks_queue", "state", "priority", "created_at"),
     Index("ix_tasks_owner_created", "owner", "created_at"),
@@ -65,6 +70,9 @@ task_payloads = Table(
     metadata,
     Column("task_id", String(36), primary_key=True),
     Column("body", JSON, nullable=False),
+    # Inline inputs as raw bytes (decoded from their data: URIs), so the body need not carry
+    # megabytes of base64; how they are packed is the submit path's business.
+    Column("data", LargeBinary, nullable=True),
 )
 
 tokens = Table(

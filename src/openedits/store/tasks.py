@@ -60,6 +60,8 @@ class TaskRow:
     cancel_requested: bool
     idempotency_key: str | None
     request_hash: str | None
+    timings: dict[str, float] | None = None
+    notes: list[str] | None = None
 
     @classmethod
     def from_mapping(cls, m: Any) -> TaskRow:
