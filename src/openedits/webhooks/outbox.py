@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from openedits.store._tables import webhook_attempts, webhook_deliveries
@@ -379,6 +379,31 @@ class Outbox:
                 .values(**values)
             )
             return result.rowcount == 1
+
+    # --- retention
+
+    def prune(self, cutoff: float, *, batch: int = 500) -> int:
+        """Delete deliveries that ended before `cutoff` (Unix seconds), with their attempts;
+        returns how many went. A delivered one ended when it was delivered; a failed one (its
+        schedule spent, or a 410) with its last attempt. Pending ones are never deleted: they
+        are still owed, and their schedule ends them within days. Each batch is one
+        transaction that re-checks the state in its DELETE, so a delivery re-sent meanwhile
+        stays, attempts and all."""
+        ended = or_(
+            and_(_d.c.state == DeliveryState.delivered.value, _d.c.delivered_at < cutoff),
+            and_(_d.c.state == DeliveryState.failed.value, _d.c.last_attempt_at < cutoff),
+        )
+        pruned = 0
+        while True:
+            with self.engine.begin() as conn:
+                ids = list(conn.execute(select(_d.c.id).where(ended).limit(batch)).scalars())
+                if ids:
+                    result = conn.execute(delete(_d).where(_d.c.id.in_(ids), ended))
+                    pruned += result.rowcount
+                    gone = ~select(_d.c.id).where(_d.c.id == _a.c.delivery_id).exists()
+                    conn.execute(delete(_a).where(_a.c.delivery_id.in_(ids), gone))
+            if len(ids) < batch:
+                return pruned
 
     def resend(self, delivery_id: str) -> Delivery | None:
         """Queue a delivery again, due now, with a fresh retry schedule and the same webhook-id.
