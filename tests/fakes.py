@@ -153,6 +153,13 @@ def serve_receiver(on_request: Callable[[Received], None] | None = None) -> Iter
             item = Received(self.path, {k.lower(): v for k, v in self.headers.items()},
                             self.rfile.read(length))
             status, headers = rec.script.pop(0) if len(rec.script) > 1 else rec.script[0]
+            # Recorded before the answer goes out, so a client that has its answer can count
+            # on the request being listed already.
+            if on_request:
+                on_request(item)
+            with rec.arrived:
+                rec.received.append(item)
+                rec.arrived.notify_all()
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
@@ -161,11 +168,6 @@ def serve_receiver(on_request: Callable[[Received], None] | None = None) -> Iter
             # A client that had heard enough (callbacks read no 2xx body) may hang up first.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self.wfile.write(rec.reply_body)
-            if on_request:
-                on_request(item)
-            with rec.arrived:
-                rec.received.append(item)
-                rec.arrived.notify_all()
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state["r"] = Receiver(url=f"http://127.0.0.1:{server.server_address[1]}")

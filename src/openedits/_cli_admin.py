@@ -144,7 +144,6 @@ def _table(*columns: str, title: str | None = None) -> Table:
 
 
 def _fields(title: str, rows: list[tuple[str, str]]) -> Table:
-    from rich import box
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_header=False, box=None,

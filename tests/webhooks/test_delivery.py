@@ -364,3 +364,17 @@ def test_a_hanging_receiver_holds_one_progress_sender_not_all(db: Engine,
             assert Webhook(SECRET).verify(got[0].body, got[0].headers) == body
     finally:
         loop.stop()
+
+
+def test_due_leaves_out_exactly_the_origins_given(db: Engine, clock: FakeClock) -> None:
+    outbox = Outbox(db, clock=clock)
+    urls = ["http://h:1/a", "http://h:1", "http://h:1?x=1", "http://h:1#f",
+            "http://h:12/a", "http://h:1.example/a", "http://h_1/a", "http://h%1/a"]
+    for i, url in enumerate(urls):
+        _owe(db, url, clock() + i * 0.001, task_id=f"t-{i}")
+    clock.advance(1)
+    assert [c.url for c in outbox.due(limit=20)] == urls
+    left = [c.url for c in outbox.due(limit=20, exclude_origins=["http://h:1", "http://h_1"])]
+    assert left == ["http://h:12/a", "http://h:1.example/a", "http://h%1/a"]
+    assert outbox.next_due(exclude_origins=["http://h:1"]) == pytest.approx(
+        clock() - 1 + 4 * 0.001)

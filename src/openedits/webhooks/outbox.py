@@ -164,8 +164,17 @@ class Candidate:
 
 
 def _not_to(origins: Sequence[str]) -> list[ColumnElement[bool]]:
-    """Conditions leaving out URLs that start with any of `origins` (matched literally)."""
-    return [~_d.c.url.startswith(origin, autoescape=True) for origin in origins]
+    """Conditions leaving out URLs at any of `origins` (`scheme://authority` as written, matched
+    literally): the origin itself, or followed by a path, query or fragment, so that
+    `http://h:1` never leaves out `http://h:12/` or `http://h:1.example/`."""
+    conditions = []
+    for origin in origins:
+        at = or_(
+            _d.c.url == origin,
+            *(_d.c.url.startswith(origin + mark, autoescape=True) for mark in "/?#"),
+        )
+        conditions.append(~at)
+    return conditions
 
 
 @dataclass(frozen=True)
