@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -112,6 +114,8 @@ class Receiver:
     # Each entry: (status, headers) consumed in order; the last one repeats.
     script: list[tuple[int, dict[str, str]]] = field(default_factory=lambda: [(200, {})])
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    # The body every POST is answered with (a receiver that says a lot, or never stops).
+    reply_body: bytes = b""
     arrived: threading.Condition = field(default_factory=threading.Condition)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
@@ -149,16 +153,21 @@ def serve_receiver(on_request: Callable[[Received], None] | None = None) -> Iter
             item = Received(self.path, {k.lower(): v for k, v in self.headers.items()},
                             self.rfile.read(length))
             status, headers = rec.script.pop(0) if len(rec.script) > 1 else rec.script[0]
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("content-length", "0")
-            self.end_headers()
+            # Recorded before the answer goes out, so a client that has its answer can count
+            # on the request being listed already.
             if on_request:
                 on_request(item)
             with rec.arrived:
                 rec.received.append(item)
                 rec.arrived.notify_all()
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("content-length", str(len(rec.reply_body)))
+            self.end_headers()
+            # A client that had heard enough (callbacks read no 2xx body) may hang up first.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(rec.reply_body)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state["r"] = Receiver(url=f"http://127.0.0.1:{server.server_address[1]}")
@@ -169,6 +178,59 @@ def serve_receiver(on_request: Callable[[Received], None] | None = None) -> Iter
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def hanging_listener() -> Iterator[str]:
+    """A loopback port that takes connections and never answers (the kernel completes the
+    handshake from the listen backlog; nothing ever reads). Yields its URL; on exit the socket
+    closes, which resets the connections still waiting."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+@contextmanager
+def serve_raw(reply: bytes) -> Iterator[str]:
+    """A loopback server that answers each connection with `reply` (raw bytes: a status line,
+    headers, perhaps the start of a body) and then holds it open, silent, until exit.
+    Yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.append(conn)
+            try:
+                conn.recv(65536)
+                conn.sendall(reply)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, name="raw-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        sock.close()
 
 
 class FakeClock:

@@ -269,6 +269,26 @@ def _read_capped(
     return b"".join(chunks)
 
 
+def _read_prefix(response: httpx.Response, limit: int, *, deadline: float) -> bytes:
+    """Read at most `limit` bytes of the body (never more than one chunk past it), then stop.
+
+    The prefix is only informative (a failure's log line), so a body that breaks off or stalls
+    yields what came so far instead of an error: the status already said what happened."""
+    if limit <= 0:
+        return b""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            total += len(chunk)
+            if total >= limit or time.monotonic() > deadline:
+                break
+    except (httpx.HTTPError, OSError):
+        pass
+    return b"".join(chunks)[:limit]
+
+
 def safe_request(
     method: str,
     url: str,
@@ -279,6 +299,7 @@ def safe_request(
     headers: Mapping[str, str] | None = None,
     follow_redirects: bool = True,
     transport: httpx.BaseTransport | None = None,
+    keep_body: Callable[[int], int] | None = None,
 ) -> httpx.Response:
     """Make one request to a client-given URL under `policy`, and return it with its body read.
 
@@ -290,6 +311,10 @@ def safe_request(
     `policy.max_bytes` raise ImageTooLarge. Other failures raise FetchRefused or FetchFailed,
     naming `field` and the URL. The returned response's `url` is the last URL as written (not
     the pinned address), and its body is already decoded (no content-encoding header).
+
+    `keep_body`, when given, maps the answer's status to how many body bytes to read at most
+    (0: none); the rest is never read, and a long body is then no error. Callers that only
+    need the status (callbacks) use it so a receiver's body costs neither time nor memory.
     """
     deadline = time.monotonic() + policy.timeout
     origin = f"{field} {describe_value(url)}"
@@ -315,6 +340,7 @@ def safe_request(
                 what=what,
                 policy=policy,
                 deadline=deadline,
+                keep_body=keep_body,
             )
             location = response.headers.get("location")
             if not (follow_redirects and response.status_code in _REDIRECT_CODES and location):
@@ -353,6 +379,7 @@ def _send_pinned(
     what: str,
     policy: NetPolicy,
     deadline: float,
+    keep_body: Callable[[int], int] | None = None,
 ) -> httpx.Response:
     """Send one hop to the checked address and read its body (unless it is a redirect)."""
     remaining = deadline - time.monotonic()
@@ -382,6 +409,8 @@ def _send_pinned(
     try:
         if response.status_code in _REDIRECT_CODES:
             data = b""  # a redirect's body is never used; don't spend time or memory on it
+        elif keep_body is not None:
+            data = _read_prefix(response, keep_body(response.status_code), deadline=deadline)
         else:
             data = _read_capped(response, what=what, policy=policy, deadline=deadline)
     except httpx.TimeoutException:

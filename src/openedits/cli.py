@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from openedits import _cli_admin
 from openedits.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,6 +25,9 @@ def _settings() -> Settings:
     except Exception as exc:
         typer.echo(f"openedits: bad configuration: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+_cli_admin.register(app, _settings)  # `openedits tasks …` and `openedits webhooks …`
 
 
 def _configure_logging(level: str) -> None:

@@ -1,10 +1,11 @@
-"""Retention: tasks and their result files are forgotten OPENEDITS_RETENTION_DAYS after they end."""
+"""Retention: ended tasks, their files and their callbacks go OPENEDITS_RETENTION_DAYS later."""
 
 from __future__ import annotations
 
 import logging
 
 from openedits.runtime import Runtime
+from openedits.webhooks.outbox import Outbox
 
 __all__ = ["RESULT_FILES", "purge_expired"]
 
@@ -14,9 +15,11 @@ RESULT_FILES = ("grid.png", "0_0.png", "0_1.png", "0_2.png", "0_3.png")
 
 
 def purge_expired(rt: Runtime, *, batch: int = 500) -> int:
-    """Delete the files and rows of tasks that ended more than the retention ago; returns how
-    many tasks went. Files go first: a crash in between leaves a row whose files are gone,
-    which the next pass deletes, never files that no row points to."""
+    """Delete the files and rows of tasks that ended more than the retention ago, and the
+    callback deliveries (with their attempts) that did; returns how many tasks went.
+
+    Files go first: a crash in between leaves a row whose files are gone, which the next pass
+    deletes, never files that no row points to."""
     cutoff = rt.clock() - rt.settings.retention_days * 86400
     purged = 0
     while True:
@@ -31,4 +34,10 @@ def purge_expired(rt: Runtime, *, batch: int = 500) -> int:
     if purged:
         log.info("retention: forgot %d tasks that ended over %g days ago", purged,
                  rt.settings.retention_days)
+    # Callback deliveries go on their own clock (when each was delivered or given up), so a
+    # failed one stays listed, and can be re-sent, for the whole retention after it failed.
+    deliveries = Outbox(rt.db, clock=rt.clock).prune(cutoff, batch=batch)
+    if deliveries:
+        log.info("retention: forgot %d callback deliveries that ended over %g days ago",
+                 deliveries, rt.settings.retention_days)
     return purged

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from openedits.webhooks import (
     parse_retry_after,
     scheduled_delay,
 )
-from tests.fakes import FakeClock, serve_receiver
+from tests.fakes import FakeClock, hanging_listener, serve_raw, serve_receiver
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 BODY = {"success": True, "task_id": "t-1", "progress": 100, "image_url": "http://x/grid.png"}
@@ -49,11 +49,14 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def _loop(db: Engine, clock: FakeClock, node: str = "node-a", **settings: object) -> DeliveryLoop:
-    s = Settings(allow_private_urls=True, webhook_retry_delays="0.1s,0.2s,0.3s",
-                 webhook_timeout_seconds=2, **settings)  # type: ignore[arg-type]
+def _loop(db: Engine, clock: FakeClock, node: str = "node-a",
+          on_outcome: Callable[[str], None] | None = None, **settings: object) -> DeliveryLoop:
+    values: dict[str, object] = {"allow_private_urls": True,
+                                 "webhook_retry_delays": "0.1s,0.2s,0.3s",
+                                 "webhook_timeout_seconds": 2, **settings}
+    s = Settings(**values)  # type: ignore[arg-type]
     return DeliveryLoop(Outbox(db, clock=clock), secret=lambda: SECRET, settings=s, clock=clock,
-                        rng=random.Random(7), node=node)
+                        rng=random.Random(7), node=node, on_outcome=on_outcome)
 
 
 def _owe(db: Engine, url: str, now: float, task_id: str = "t-1") -> str:
@@ -259,3 +262,119 @@ def test_a_bad_configured_secret_is_refused_with_advice(db: Engine, clock: FakeC
     loop._secret = lambda: "whsec_a"
     with pytest.raises(ValueError, match="OPENEDITS_WEBHOOK_SECRET"):
         loop.start()
+
+
+def test_any_2xx_is_delivered_however_large_its_body(db: Engine, clock: FakeClock) -> None:
+    # Issue 9.5: a 2 MB answer body used to count as a failure ("over the limit ...
+    # OPENEDITS_MAX_IMAGE_BYTES") and the callback was sent again.
+    loop = _loop(db, clock)
+    with serve_receiver() as receiver:
+        receiver.reply_body = b"x" * 2_000_000
+        delivery_id = _owe(db, receiver.url, clock())
+        [attempt] = loop.run_once()
+        clock.advance(3600)
+        assert loop.run_once() == []
+        assert len(receiver.wait_for(1)) == 1
+    assert (attempt.outcome, attempt.status, attempt.error) == (Outcome.delivered, 200, None)
+    delivery = loop.outbox.get(delivery_id)
+    assert delivery is not None and delivery.state is DeliveryState.delivered
+
+
+def test_a_2xx_body_is_not_read_at_all(db: Engine, clock: FakeClock) -> None:
+    # The receiver announces a gigabyte and then sends nothing more: reading it would time out.
+    reply = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\npartial"
+    loop = _loop(db, clock, webhook_timeout_seconds=30)
+    with serve_raw(reply) as url:
+        _owe(db, url, clock())
+        [attempt] = loop.run_once()
+    assert (attempt.outcome, attempt.status) == (Outcome.delivered, 200)
+
+
+def test_a_failure_keeps_only_a_short_prefix_of_the_answer(db: Engine, clock: FakeClock) -> None:
+    loop = _loop(db, clock)
+    with serve_receiver() as receiver:
+        receiver.script = [(500, {})]
+        receiver.reply_body = b"database\n  exploded " * 100_000
+        delivery_id = _owe(db, receiver.url, clock())
+        [attempt] = loop.run_once()
+    assert attempt.outcome is Outcome.retry and attempt.status == 500
+    assert attempt.error is not None
+    assert attempt.error.startswith("HTTP 500: database exploded database exploded")
+    assert attempt.error.endswith("…") and len(attempt.error) < 260
+    assert "OPENEDITS_MAX_IMAGE_BYTES" not in attempt.error
+    [record] = loop.outbox.history([delivery_id])[delivery_id]
+    assert record.error == attempt.error
+
+
+def test_a_failure_that_stalls_mid_body_keeps_its_status(db: Engine, clock: FakeClock) -> None:
+    reply = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9999\r\n\r\nbusy, try"
+    loop = _loop(db, clock, webhook_timeout_seconds=0.5)
+    with serve_raw(reply) as url:
+        _owe(db, url, clock())
+        [attempt] = loop.run_once()
+    assert (attempt.outcome, attempt.status) == (Outcome.retry, 503)
+    assert attempt.error == "HTTP 503: busy, try"
+
+
+def test_outcomes_are_reported_and_pending_counted(db: Engine, clock: FakeClock) -> None:
+    seen: list[str] = []
+    loop = _loop(db, clock, on_outcome=seen.append)
+    assert loop.outbox.pending_count() == 0
+    with serve_receiver() as receiver:
+        receiver.script = [(500, {}), (200, {}), (410, {})]
+        _owe(db, receiver.url, clock(), task_id="t-1")
+        assert loop.outbox.pending_count() == 1
+        loop.run_once()
+        assert loop.outbox.pending_count() == 1  # a retry is still owed
+        clock.advance(1)
+        loop.run_once()
+        assert loop.outbox.pending_count() == 0
+        _owe(db, receiver.url, clock(), task_id="t-2")
+        loop.run_once()
+    assert seen == ["retry", "delivered", "gone"]
+    assert loop.outbox.pending_count() == 0
+
+
+def test_a_failing_outcome_hook_changes_nothing(db: Engine, clock: FakeClock) -> None:
+    def broken(outcome: str) -> None:
+        raise RuntimeError("metrics are down")
+
+    loop = _loop(db, clock, on_outcome=broken)
+    with serve_receiver() as receiver:
+        delivery_id = _owe(db, receiver.url, clock())
+        [attempt] = loop.run_once()
+    assert attempt.outcome is Outcome.delivered
+    delivery = loop.outbox.get(delivery_id)
+    assert delivery is not None and delivery.state is DeliveryState.delivered
+
+
+def test_a_hanging_receiver_holds_one_progress_sender_not_all(db: Engine,
+                                                               clock: FakeClock) -> None:
+    loop = _loop(db, clock, webhook_timeout_seconds=30)
+    loop.start()
+    try:
+        with serve_receiver() as receiver, hanging_listener() as hanging:
+            body = {"task_id": "t", "progress": 5}
+            assert loop.post_progress("t-1", hanging + "/a", body)
+            # The same destination is busy: dropped, not queued behind the hang.
+            assert not loop.post_progress("t-2", hanging + "/b", body)
+            assert loop.post_progress("t-3", receiver.url + "/hook", body)
+            got = receiver.wait_for(1)
+            assert [r.path for r in got] == ["/hook"]
+            assert Webhook(SECRET).verify(got[0].body, got[0].headers) == body
+    finally:
+        loop.stop()
+
+
+def test_due_leaves_out_exactly_the_origins_given(db: Engine, clock: FakeClock) -> None:
+    outbox = Outbox(db, clock=clock)
+    urls = ["http://h:1/a", "http://h:1", "http://h:1?x=1", "http://h:1#f",
+            "http://h:12/a", "http://h:1.example/a", "http://h_1/a", "http://h%1/a"]
+    for i, url in enumerate(urls):
+        _owe(db, url, clock() + i * 0.001, task_id=f"t-{i}")
+    clock.advance(1)
+    assert [c.url for c in outbox.due(limit=20)] == urls
+    left = [c.url for c in outbox.due(limit=20, exclude_origins=["http://h:1", "http://h_1"])]
+    assert left == ["http://h:12/a", "http://h:1.example/a", "http://h%1/a"]
+    assert outbox.next_due(exclude_origins=["http://h:1"]) == pytest.approx(
+        clock() - 1 + 4 * 0.001)

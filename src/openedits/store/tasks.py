@@ -161,6 +161,7 @@ class TaskStore:
         owner: str | None,
         ids: Sequence[str] | None = None,
         trace_ids: Sequence[str] | None = None,
+        states: Sequence[TaskState] | None = None,
         offset: int = 0,
         limit: int = 12,
     ) -> tuple[list[TaskRow], int]:
@@ -168,6 +169,8 @@ class TaskStore:
         conditions = []
         if owner is not None:
             conditions.append(tasks.c.owner == owner)
+        if states is not None:
+            conditions.append(tasks.c.state.in_([s.value for s in states]))
         if ids is not None:
             conditions.append(tasks.c.id.in_(list(ids)))
         if trace_ids is not None:

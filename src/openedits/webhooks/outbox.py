@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from openedits.store._tables import webhook_attempts, webhook_deliveries
 
 __all__ = [
     "AttemptRecord",
+    "Candidate",
     "Claim",
     "Delivery",
     "DeliveryState",
@@ -153,6 +155,29 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A delivery that was due when read: what a claim needs, and where it would go."""
+
+    id: str
+    attempts: int
+    url: str
+
+
+def _not_to(origins: Sequence[str]) -> list[ColumnElement[bool]]:
+    """Conditions leaving out URLs at any of `origins` (`scheme://authority` as written, matched
+    literally): the origin itself, or followed by a path, query or fragment, so that
+    `http://h:1` never leaves out `http://h:12/` or `http://h:1.example/`."""
+    conditions = []
+    for origin in origins:
+        at = or_(
+            _d.c.url == origin,
+            *(_d.c.url.startswith(origin + mark, autoescape=True) for mark in "/?#"),
+        )
+        conditions.append(~at)
+    return conditions
+
+
+@dataclass(frozen=True)
 class Claim:
     """The right to make attempt `number` of a delivery, held by `node` until `lease_until`."""
 
@@ -223,10 +248,20 @@ class Outbox:
                 found[values.pop("delivery_id")].append(AttemptRecord(**values))
         return found
 
-    def next_due(self) -> float | None:
-        """When the earliest pending delivery falls due (None when none is owed)."""
-        query = select(func.min(_d.c.next_attempt_at)).where(
+    def pending_count(self) -> int:
+        """Deliveries still owed (neither delivered nor given up): one indexed count, cheap
+        enough for every metrics scrape."""
+        query = select(func.count()).select_from(_d).where(
             _d.c.state == DeliveryState.pending.value
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def next_due(self, *, exclude_origins: Sequence[str] = ()) -> float | None:
+        """When the earliest pending delivery falls due (None when none is owed), leaving out
+        URLs that start with any of `exclude_origins`."""
+        query = select(func.min(_d.c.next_attempt_at)).where(
+            _d.c.state == DeliveryState.pending.value, *_not_to(exclude_origins)
         )
         with self.engine.connect() as conn:
             value = conn.execute(query).scalar_one_or_none()
@@ -234,20 +269,29 @@ class Outbox:
 
     # --- claiming and recording
 
-    def claim_due(self, node: str, *, limit: int, lease_seconds: float) -> list[Claim]:
-        """Claim up to `limit` deliveries that are due, each for its next attempt."""
+    def due(self, *, limit: int, exclude_origins: Sequence[str] = ()) -> list[Candidate]:
+        """Up to `limit` deliveries due now, earliest first, leaving out URLs that start with
+        any of `exclude_origins` (destinations the caller will not send to at the moment).
+        Only a hint: `claim` decides, atomically, who makes each attempt."""
         now = self.clock()
         query = (
-            select(_d.c.id, _d.c.attempts)
-            .where(_d.c.state == DeliveryState.pending.value, _d.c.next_attempt_at <= now)
-            .order_by(_d.c.next_attempt_at)
+            select(_d.c.id, _d.c.attempts, _d.c.url)
+            .where(
+                _d.c.state == DeliveryState.pending.value,
+                _d.c.next_attempt_at <= now,
+                *_not_to(exclude_origins),
+            )
+            .order_by(_d.c.next_attempt_at, _d.c.id)
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            candidates = conn.execute(query).all()
+            return [Candidate(*row) for row in conn.execute(query).all()]
+
+    def claim_due(self, node: str, *, limit: int, lease_seconds: float) -> list[Claim]:
+        """Claim up to `limit` deliveries that are due, each for its next attempt."""
         claims = []
-        for delivery_id, attempts in candidates:
-            claim = self.claim(delivery_id, node, seen_attempts=attempts,
+        for candidate in self.due(limit=limit):
+            claim = self.claim(candidate.id, node, seen_attempts=candidate.attempts,
                                lease_seconds=lease_seconds)
             if claim is not None:
                 claims.append(claim)
@@ -264,6 +308,10 @@ class Outbox:
         time past the lease, so no other process can claim the row while this attempt is in
         flight; if this process dies, the row falls due again when the lease runs out and the
         next attempt gets the next number. The attempt row's primary key backs that up.
+        On PostgreSQL (READ COMMITTED) a second UPDATE of the same row waits for the first to
+        commit and then re-evaluates its WHERE on the new row version, where `attempts` has
+        moved on, so it matches nothing: the same guarantee as SQLite's single writer, with no
+        row lock held beyond this short transaction (which a SELECT … FOR UPDATE would add).
         """
         now = self.clock()
         number = seen_attempts + 1
@@ -340,6 +388,31 @@ class Outbox:
                 .values(**values)
             )
             return result.rowcount == 1
+
+    # --- retention
+
+    def prune(self, cutoff: float, *, batch: int = 500) -> int:
+        """Delete deliveries that ended before `cutoff` (Unix seconds), with their attempts;
+        returns how many went. A delivered one ended when it was delivered; a failed one (its
+        schedule spent, or a 410) with its last attempt. Pending ones are never deleted: they
+        are still owed, and their schedule ends them within days. Each batch is one
+        transaction that re-checks the state in its DELETE, so a delivery re-sent meanwhile
+        stays, attempts and all."""
+        ended = or_(
+            and_(_d.c.state == DeliveryState.delivered.value, _d.c.delivered_at < cutoff),
+            and_(_d.c.state == DeliveryState.failed.value, _d.c.last_attempt_at < cutoff),
+        )
+        pruned = 0
+        while True:
+            with self.engine.begin() as conn:
+                ids = list(conn.execute(select(_d.c.id).where(ended).limit(batch)).scalars())
+                if ids:
+                    result = conn.execute(delete(_d).where(_d.c.id.in_(ids), ended))
+                    pruned += result.rowcount
+                    gone = ~select(_d.c.id).where(_d.c.id == _a.c.delivery_id).exists()
+                    conn.execute(delete(_a).where(_a.c.delivery_id.in_(ids), gone))
+            if len(ids) < batch:
+                return pruned
 
     def resend(self, delivery_id: str) -> Delivery | None:
         """Queue a delivery again, due now, with a fresh retry schedule and the same webhook-id.
