@@ -12,11 +12,11 @@ from fastapi.staticfiles import StaticFiles
 
 from openedits import __version__
 from openedits.api._errors import TraceMiddleware, install_error_handlers
+from openedits.api.ratelimit import RateLimitMiddleware
 from openedits.api.routes import edits, files, health, hosted, tasks, web, webhooks
 from openedits.auth import Authenticator
 from openedits.editing import EditService
 from openedits.engines.base import Engine
-from openedits.ratelimit import RateLimitMiddleware
 from openedits.runtime import Runtime
 from openedits.settings import Settings
 from openedits.webhooks.delivery import DeliveryLoop
