@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openedits._ids import new_trace_id
@@ -103,6 +104,10 @@ class TraceMiddleware:
 
         try:
             await self.app(scope, receive, send_with_trace)
+        except (ClientDisconnect, ConnectionError):
+            # The client hung up (mid-body, or while its reply was being sent): nobody is left
+            # to answer, and it is not the server's fault, so no traceback and no ERROR line.
+            log.info("client hung up during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("unhandled error", extra={"trace_id": trace_id})
             if started:
