@@ -20,7 +20,7 @@ from openedits.api.server import MAX_HEAD_BYTES, raise_open_file_limit, server_c
 from openedits.settings import Settings
 from tests.conftest import AUTH, data_uri
 from tests.fakes import FakeEngine
-from tests.servers import free_port, serve_config_in_thread
+from tests.servers import fake_engine_server, free_port, serve_config_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,3 +182,45 @@ def test_the_cap_leaves_descriptors_for_the_rest(settings: Settings) -> None:
     config = server_config(object(), settings.model_copy(update={"max_connections": 5000}),
                            host="127.0.0.1", port=1, open_files=1024)
     assert config.http.limits.max_connections < 1024  # type: ignore[union-attr]
+
+
+LIVENESS_BOUND = 1.0
+"""A liveness probe's usual timeout: /healthz must answer inside it whatever the load. This is a
+bound on behaviour (a probe that times out restarts a healthy server), not a speed goal."""
+
+
+@pytest.mark.slow
+def test_healthz_answers_within_a_probe_timeout_while_submits_wait_for_the_store(
+        tmp_path, image) -> None:
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"OPENEDITS_DATA_DIR": str(tmp_path), "OPENEDITS_API_TOKENS": "test-token",
+           "OPENEDITS_RATE_LIMIT": "off", "OPENEDITS_QUEUE_MAX": "10000"}
+    body = {"image_url": data_uri(image), "prompt": "x", "async": True}
+    with fake_engine_server(env, step_seconds=0.01) as server, \
+            httpx.Client(base_url=server.url, timeout=60,
+                         limits=httpx.Limits(max_connections=200)) as client, \
+            httpx.Client(base_url=server.url, timeout=30) as probe, \
+            ThreadPoolExecutor(100) as pool:
+        # A long write holds the store (as a burst of large submits does): every submit's
+        # thread waits for it, and the request thread pool is soon all waiting.
+        lock = sqlite3.connect(tmp_path / "openedits.db", timeout=10, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            submits = [pool.submit(client.post, "/midjourney/edits", headers=AUTH, json=body)
+                       for _ in range(100)]
+            latencies = []
+            until = time.monotonic() + 3.0
+            while time.monotonic() < until:
+                started = time.monotonic()
+                r = probe.get("/healthz")
+                latencies.append(time.monotonic() - started)
+                assert r.status_code == 200, r.text
+                time.sleep(0.05)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        for f in submits:
+            f.result()  # answered, whatever the status (the store's own limits are not tested here)
+    assert max(latencies) < LIVENESS_BOUND, sorted(latencies)[-5:]
