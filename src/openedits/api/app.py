@@ -13,8 +13,10 @@ from fastapi.staticfiles import StaticFiles
 from openedits import __version__
 from openedits.api._errors import TraceMiddleware, install_error_handlers
 from openedits.api._health import StoreProbe
+from openedits.api.hosts import AllowedHostsMiddleware
 from openedits.api.ratelimit import RateLimitMiddleware
 from openedits.api.routes import edits, files, health, hosted, tasks, web, webhooks
+from openedits.api.security import SecurityHeadersMiddleware
 from openedits.auth import Authenticator
 from openedits.editing import EditService
 from openedits.engines.base import Engine
@@ -76,8 +78,11 @@ def create_app(
     app.state.deliveries = deliveries
     app.state.store_probe = probe
     install_error_handlers(app)
+    # Outermost last: security headers on every reply, then the trace id, then the Host check.
     app.add_middleware(RateLimitMiddleware, settings=settings)
+    app.add_middleware(AllowedHostsMiddleware, settings=settings)
     app.add_middleware(TraceMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     for module in (edits, tasks, webhooks, hosted, files, health, web):
         app.include_router(module.router)
     app.mount("/web", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="web")

@@ -15,8 +15,8 @@ __all__ = ["router"]
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
 @router.head("/healthz", include_in_schema=False)
+@router.get("/healthz")
 async def healthz(request: Request) -> dict[str, Any]:
     """Liveness and what this server runs: engine, model, device, store, queue depth.
 
