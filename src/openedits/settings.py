@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     body_timeout_seconds: float = Field(default=30.0, gt=0)
     keep_alive_seconds: int = Field(default=5, ge=1)
-    # Host header values trusted to form result URLs (comma-separated names, `*.example.com`
-    # or `*`); empty: the bind host, localhost, loopback and OPENEDITS_PUBLIC_URL's host.
+    # Host header values trusted to form result URLs besides the bind host, localhost,
+    # loopback and OPENEDITS_PUBLIC_URL's host (comma-separated names, `*.example.com`, or `*`).
     allowed_hosts: str = ""
 
     @field_validator("webhook_retry_delays")
