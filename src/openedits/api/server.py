@@ -108,7 +108,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _await_head(self, seconds: float) -> None:
         self._awaiting_head = True
-        self._head_bytes = 0
         self._arm(seconds, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
@@ -163,6 +162,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
+        self._head_bytes = 0
         self._arm(self.limits.body_timeout, self._body_timed_out)
         if not self._refusing:
             super().on_headers_complete()
@@ -174,13 +174,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.app = app
 
     def on_body(self, body: bytes) -> None:
-        if self._deadline is not None and not self._awaiting_head:
+        if not self._awaiting_head and not self.cycle.response_complete:
+            # A body still arriving after its reply (an early 413) is not waited for: the
+            # head deadline armed by that reply closes the connection.
             self._arm(self.limits.body_timeout, self._body_timed_out)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._awaiting_head:
-            self._disarm()
+        # The request is in; the app's time is its own. Bytes from here on are the next
+        # (pipelined) request's head: counted against MAX_HEAD_BYTES, and timed once the
+        # reply to this one is out.
+        self._disarm()
+        self._awaiting_head = True
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
