@@ -1,4 +1,4 @@
-"""Run a real openedits server process on a FakeEngine, for crash and restart tests.
+"""Run a real openedits server process on a FakeEngine, for crash, restart and load tests.
 
 Usage: python -m tests._serve PORT STEP_SECONDS  (Settings come from OPENEDITS_* variables)
 """
@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import sys
 
-import uvicorn
-
 from openedits.api.app import create_app
+from openedits.api.server import run_server
 from openedits.settings import Settings
 from tests.fakes import FakeEngine
 
 
 def main() -> None:
     port, step_seconds = int(sys.argv[1]), float(sys.argv[2])
-    app = create_app(Settings(), engine=FakeEngine(steps=4, step_seconds=step_seconds))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    settings = Settings(log_level="WARNING")
+    app = create_app(settings, engine=FakeEngine(steps=4, step_seconds=step_seconds))
+    # What `openedits serve` runs: the same protocol, limits and deadlines.
+    run_server(app, settings, host="127.0.0.1", port=port)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from tests.engines.contract import make_test_image, make_test_mask
 from tests.fakes import FakeEngine
 
 TOKEN = "test-token"
+TESTCLIENT_HOST = "testserver"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
@@ -28,6 +29,9 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("OPENEDITS_"):
             monkeypatch.delenv(key)
+    # Starlette's TestClient sends `Host: testserver`; real servers in tests are on loopback,
+    # which is trusted anyway.
+    monkeypatch.setenv("OPENEDITS_ALLOWED_HOSTS", TESTCLIENT_HOST)
 
 
 def png_bytes(image: Image.Image) -> bytes:

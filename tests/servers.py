@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -83,13 +84,22 @@ def fake_engine_server(env: dict[str, str], step_seconds: float,
 @contextmanager
 def serve_in_thread(app: object) -> Iterator[str]:
     """Serve an ASGI app with uvicorn on a free loopback port in this process; yields its URL."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(),  # type: ignore[arg-type]
+                            log_level="warning")
+    with serve_config_in_thread(config) as url:
+        yield url
+
+
+@contextmanager
+def serve_config_in_thread(config: Any) -> Iterator[str]:
+    """Run a uvicorn Config (such as `openedits.api.server.server_config`'s) in a thread."""
     import threading
 
     import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,  # type: ignore[arg-type]
-                                           log_level="warning"))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -98,7 +108,7 @@ def serve_in_thread(app: object) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{config.host}:{config.port}"
     finally:
         server.should_exit = True
         thread.join(15)

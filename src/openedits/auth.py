@@ -34,6 +34,19 @@ class Caller:
             )
 
 
+def _shape(scheme: str, credentials: str) -> str:
+    """What a wrong authorization header looks like, without a byte of its credentials: the
+    header may hold a real password or token (Basic, a bare token), and errors are logged."""
+    if not credentials:
+        if scheme.lower() == "bearer":
+            return "'Bearer' with no token after it"
+        return f"one word of {len(scheme)} characters and no scheme (a bare token? send it as "\
+            "'Bearer <token>')"
+    if scheme.isascii() and scheme.isalpha() and len(scheme) <= 20:
+        return f"the {scheme!r} scheme; only Bearer tokens are accepted"
+    return "another scheme; only Bearer tokens are accepted"
+
+
 class Authenticator:
     """Turns an `authorization` header into a Caller, or raises TokenInvalid."""
 
@@ -55,8 +68,7 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise TokenInvalid(
-                "the authorization header must be 'Bearer <token>', "
-                f"got a value starting with {authorization.strip()[:10]!r}"
+                f"the authorization header must be 'Bearer <token>', got {_shape(scheme, token)}"
             )
         for known, owner in self._bootstrap.items():
             if hmac.compare_digest(known.encode(), token.encode()):

@@ -42,11 +42,13 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
 ) -> None:
     """Run the API server (with in-process workers unless a broker is configured)."""
-    import uvicorn
-
     settings = _settings()
+    if host:
+        # The bind host is one of the Host values trusted by default (OPENEDITS_ALLOWED_HOSTS).
+        settings = settings.model_copy(update={"host": host})
     _configure_logging(settings.log_level)
     from openedits.api.app import create_app
+    from openedits.api.server import run_server
 
     if not settings.bootstrap_tokens:
         store = _token_store()
@@ -61,15 +63,8 @@ def serve(
                 err=True,
             )
 
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        timeout_graceful_shutdown=10,
-    )
+    run_server(create_app(settings), settings, host=host or settings.host,
+               port=port or settings.port)
 
 
 @app.command()

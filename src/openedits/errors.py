@@ -20,6 +20,7 @@
     ├── EngineUnavailable               500 api_error     (a missing extra, unloadable weights)
     ├── EngineFailed                    500 api_error     (the engine broke while editing)
     ├── TaskCancelled                   409 cancelled     (in task records only)
+    ├── ServerBusy                      503 server_busy   (connection cap reached; Retry-After)
     └── SyncTimeout                     504 timeout
 
 Workers and engines raise these; only the API's one handler turns them into HTTP responses.
@@ -44,6 +45,7 @@ __all__ = [
     "PromptRefused",
     "QueueFull",
     "RateLimited",
+    "ServerBusy",
     "SyncTimeout",
     "TaskCancelled",
     "TaskNotFound",
@@ -206,6 +208,17 @@ class TaskCancelled(OpenEditsError):
 
     status_code = 409
     code = "cancelled"
+
+
+class ServerBusy(OpenEditsError):
+    """The server holds as many connections as it is configured for; come back shortly."""
+
+    status_code = 503
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after)))})
+        self.retry_after = max(1, int(retry_after))
 
 
 class SyncTimeout(OpenEditsError):

@@ -87,6 +87,16 @@ class Settings(BaseSettings):
     # forwarded_allow_ips), so rate limits by address see clients, not the proxy.
     forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "INFO"
+    # Connections (api/server.py): a socket that has not sent a whole request head this long
+    # after it opened, or after its last reply, is closed; so is one whose body stalls; past
+    # max_connections a new connection gets a fast 503 instead of a slot.
+    max_connections: int = Field(default=1000, ge=1)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    keep_alive_seconds: int = Field(default=5, ge=1)
+    # Host header values trusted to form result URLs besides the bind host, localhost,
+    # loopback and OPENEDITS_PUBLIC_URL's host (comma-separated names, `*.example.com`, or `*`).
+    allowed_hosts: str = ""
 
     @field_validator("webhook_retry_delays")
     @classmethod

@@ -27,7 +27,7 @@ from PIL import Image
 from openedits.api.app import create_app
 from openedits.runtime import Runtime
 from openedits.settings import Settings
-from tests.conftest import AUTH, TOKEN, data_uri, png_bytes
+from tests.conftest import AUTH, TESTCLIENT_HOST, TOKEN, data_uri, png_bytes
 from tests.engines.contract import make_test_image, make_test_mask
 from tests.fakes import FakeEngine
 from tests.test_net import Web, reply
@@ -141,6 +141,7 @@ def _settings(root: Path, *, allow_private: bool) -> Settings:
         max_body_bytes=MAX_BODY_BYTES,
         sync_timeout_seconds=15,
         rate_limit="off",  # these tests are about inputs, not about request counts
+        allowed_hosts=TESTCLIENT_HOST,
         lease_seconds=5,
         reaper_interval_seconds=0.5,
     )

@@ -68,6 +68,9 @@ def page(browser: Any) -> Iterator[Any]:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # A resource or script the Content-Security-Policy blocks is reported on the console.
+    page.on("console", lambda msg: errors.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
     try:
         yield page
     finally:
@@ -128,8 +131,9 @@ def test_paint_submit_and_see_four_variants(
     page.fill("#prompt", "clear sky without the sun")
     page.select_option("#mode", "turbo")
     page.click("#submit")
+    # Predicates as functions, not strings: the page's CSP forbids eval, which a string needs.
     page.wait_for_function(
-        "document.querySelectorAll('#variants img').length === 4 && "
+        "() => document.querySelectorAll('#variants img').length === 4 && "
         "[...document.querySelectorAll('#variants img, #grid')]"
         ".every(i => i.complete && i.naturalWidth > 0)",
         timeout=60_000,
@@ -179,5 +183,39 @@ def test_errors_are_readable_lines_from_the_envelope(
     page.click("#save-token")
     page.click("#mask-clear")
     page.click("#submit")
-    page.wait_for_function("document.querySelector('#error').textContent.includes('mask')")
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('mask')")
     assert page.inner_text("#error").startswith("bad_request:")
+
+
+def test_recent_tasks_load_small_renditions_not_the_grids(
+    live_server: LiveServer, page: Any, tmp_path: Path
+) -> None:
+    import httpx
+
+    from tests.conftest import data_uri
+    from tests.engines.contract import make_test_image, make_test_mask
+
+    r = httpx.post(f"{live_server.url}/midjourney/edits", timeout=60,
+                   headers={"authorization": f"Bearer {TOKEN}"},
+                   json={"image_url": data_uri(make_test_image((96, 64))),
+                         "mask": data_uri(make_test_mask((96, 64))), "prompt": "x"})
+    assert r.status_code == 200, r.text
+    # Stand in for the grid of a 2048 px input: 4096 px of noise is ~40 MB as a PNG; 2048 px
+    # (~12 MB) is enough to tell a thumbnail from the file.
+    grid = live_server.data_dir / "files" / r.json()["task_id"] / "grid.png"
+    Image.effect_noise((2048, 2048), 60).convert("RGB").save(grid)
+    full = grid.stat().st_size
+
+    fetched: list[tuple[str, int]] = []
+    page.on("response", lambda resp: fetched.append(
+        (resp.url, len(resp.body()))) if "/files/" in resp.url else None)
+    page.goto(f"{live_server.url}/")
+    page.fill("#token", TOKEN)
+    page.click("#save-token")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#recent li.succeeded img')]"
+        ".some(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+    page.wait_for_load_state("networkidle")
+    total = sum(size for _, size in fetched)
+    assert fetched and all("w=128" in url for url, _ in fetched), fetched
+    assert total * 50 < full, (total, full)

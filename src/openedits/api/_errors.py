@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openedits._ids import new_trace_id
@@ -29,6 +33,28 @@ log = logging.getLogger("openedits.api")
 
 def _trace_id(request: Request) -> str:
     return getattr(request.state, "trace_id", None) or new_trace_id()
+
+
+def _flat_routes(routes: list[Any]) -> Iterator[Any]:
+    # FastAPI >= 0.16x keeps included routers whole (`original_router`) instead of copying
+    # their routes; openedits includes them without a prefix, so their paths match as they are.
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat_routes(inner.routes)
+        else:
+            yield route
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's Allow names one route's)."""
+    methods: set[str] = set()
+    for route in _flat_routes(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return ", ".join(sorted(methods, key=lambda m: (order.index(m) if m in order else 99, m)))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -63,7 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(envelope(err.code, err.message, trace_id), 404)
         if exc.status_code == 405:
             # Starlette spells it "Allow"; look it up in any case so the message says what is.
-            allowed = next(
+            allowed = _allowed_methods(request) or next(
                 (v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), ""
             )
             message = f"{request.method} is not allowed on {path}; use {allowed or 'POST'}"
@@ -103,6 +129,10 @@ class TraceMiddleware:
 
         try:
             await self.app(scope, receive, send_with_trace)
+        except (ClientDisconnect, ConnectionError):
+            # The client hung up (mid-body, or while its reply was being sent): nobody is left
+            # to answer, and it is not the server's fault, so no traceback and no ERROR line.
+            log.info("client hung up during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("unhandled error", extra={"trace_id": trace_id})
             if started:

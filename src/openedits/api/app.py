@@ -12,11 +12,14 @@ from fastapi.staticfiles import StaticFiles
 
 from openedits import __version__
 from openedits.api._errors import TraceMiddleware, install_error_handlers
+from openedits.api._health import StoreProbe
+from openedits.api.hosts import AllowedHostsMiddleware
+from openedits.api.ratelimit import RateLimitMiddleware
 from openedits.api.routes import edits, files, health, hosted, tasks, web, webhooks
+from openedits.api.security import SecurityHeadersMiddleware
 from openedits.auth import Authenticator
 from openedits.editing import EditService
 from openedits.engines.base import Engine
-from openedits.ratelimit import RateLimitMiddleware
 from openedits.runtime import Runtime
 from openedits.settings import Settings
 from openedits.webhooks.delivery import DeliveryLoop
@@ -42,6 +45,7 @@ def create_app(
     deliveries = DeliveryLoop.from_runtime(rt)
     rt.bus.subscribe(deliveries)  # a finished task wakes the loop: callbacks leave at once
     service = EditService(rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens))
+    probe = StoreProbe(rt)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,9 +54,11 @@ def create_app(
                  info.device, rt.db.dialect.name)
         disp.start()
         deliveries.start()
+        await to_thread.run_sync(probe.start)
         try:
             yield
         finally:
+            await to_thread.run_sync(probe.stop)
             # Joining threads blocks: off the event loop, so in-flight replies still go out.
             await to_thread.run_sync(disp.stop)
             await to_thread.run_sync(deliveries.stop)
@@ -70,9 +76,13 @@ def create_app(
     app.state.service = service
     app.state.dispatcher = disp
     app.state.deliveries = deliveries
+    app.state.store_probe = probe
     install_error_handlers(app)
+    # Outermost last: security headers on every reply, then the trace id, then the Host check.
     app.add_middleware(RateLimitMiddleware, settings=settings)
+    app.add_middleware(AllowedHostsMiddleware, settings=settings)
     app.add_middleware(TraceMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     for module in (edits, tasks, webhooks, hosted, files, health, web):
         app.include_router(module.router)
     app.mount("/web", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="web")

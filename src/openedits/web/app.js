@@ -388,9 +388,23 @@
 
   // ---- results ------------------------------------------------------------------------------
 
+  // A small WebP rendition of a result served by openedits (GET /files/…?w=N), so a list of
+  // results costs kilobytes, not the full grids; other URLs (an object store) are used as is.
+  function rendition(url, width) {
+    try {
+      const parsed = new URL(url, location.href);
+      if (!/\/files\/[0-9a-f-]{36}\/[^/]+$/.test(parsed.pathname) || parsed.search) return url;
+      parsed.searchParams.set("w", String(width));
+      return parsed.href;
+    } catch (_) {
+      return url;
+    }
+  }
+
   function showResult(result) {
     $("results").hidden = false;
-    $("grid").src = result.image_url;
+    // Shown at the side column's width; the download links keep the full files.
+    $("grid").src = rendition(result.image_url, 1024);
     $("grid-link").href = result.image_url;
     const variants = $("variants");
     variants.replaceChildren();
@@ -398,7 +412,7 @@
       const figure = document.createElement("figure");
       figure.className = "variant";
       const img = document.createElement("img");
-      img.src = url;
+      img.src = rendition(url, 512);
       img.alt = `variant ${index + 1}`;
       const link = document.createElement("a");
       link.href = url;
@@ -448,8 +462,9 @@
       li.className = `task ${status}`;
       if (status === "succeeded" && record.response.image_url) {
         const thumb = document.createElement("img");
-        thumb.src = record.response.image_url;
+        thumb.src = rendition(record.response.image_url, 128);
         thumb.alt = "";
+        thumb.loading = "lazy";
         li.append(thumb);
       }
       const text = document.createElement("div");

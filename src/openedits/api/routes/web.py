@@ -15,6 +15,7 @@ router = APIRouter(include_in_schema=False)
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 
 
+@router.head("/")
 @router.get("/")
 def index() -> FileResponse:
     """The playground page."""

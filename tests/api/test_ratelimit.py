@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from openedits.api.app import create_app
-from openedits.ratelimit import RateLimitMiddleware, parse_rate_limit
+from openedits.api.ratelimit import RateLimitMiddleware, parse_rate_limit
 from openedits.settings import Settings
 from openedits.store.tokens import TokenStore
 from tests.conftest import AUTH, TOKEN

@@ -37,8 +37,8 @@ from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from openedits.api._errors import envelope
 from openedits.errors import OpenEditsError, RateLimited
+from openedits.records import envelope
 from openedits.settings import Settings
 
 __all__ = ["LIMITED_PREFIX", "RateLimitMiddleware", "parse_rate_limit"]
