@@ -15,11 +15,13 @@
     │   └── TaskNotFound                404 not_found
     ├── PayloadTooLarge                 413 payload_too_large
     │   └── ImageTooLarge               413 payload_too_large
+    ├── UnsupportedEncoding             415 unsupported_media_type (a content-encoding not read)
     ├── RateLimited                     429 too_many_requests (carries retry_after)
     │   └── QueueFull                   429 too_many_requests
     ├── EngineUnavailable               500 api_error     (a missing extra, unloadable weights)
     ├── EngineFailed                    500 api_error     (the engine broke while editing)
     ├── TaskCancelled                   409 cancelled     (in task records only)
+    ├── ServerBusy                      503 server_busy   (connection cap reached; Retry-After)
     └── SyncTimeout                     504 timeout
 
 Workers and engines raise these; only the API's one handler turns them into HTTP responses.
@@ -44,11 +46,13 @@ __all__ = [
     "PromptRefused",
     "QueueFull",
     "RateLimited",
+    "ServerBusy",
     "SyncTimeout",
     "TaskCancelled",
     "TaskNotFound",
     "TokenInvalid",
     "TokenMismatched",
+    "UnsupportedEncoding",
     "describe_value",
     "validation_message",
 ]
@@ -174,6 +178,13 @@ class ImageTooLarge(PayloadTooLarge):
     """An image or mask is over the byte or pixel limits."""
 
 
+class UnsupportedEncoding(OpenEditsError):
+    """The body is sent in a content-encoding openedits does not decode."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class RateLimited(OpenEditsError):
     """Too many requests for this token; says when to come back."""
 
@@ -206,6 +217,17 @@ class TaskCancelled(OpenEditsError):
 
     status_code = 409
     code = "cancelled"
+
+
+class ServerBusy(OpenEditsError):
+    """The server holds as many connections as it is configured for; come back shortly."""
+
+    status_code = 503
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after)))})
+        self.retry_after = max(1, int(retry_after))
 
 
 class SyncTimeout(OpenEditsError):
