@@ -165,6 +165,14 @@ class Server:
                 await asyncio.sleep(0.1)
         raise TimeoutError(f"the {self.kind} server did not start")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used (Linux; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -238,17 +246,22 @@ async def _run(args: argparse.Namespace) -> None:
                 await server.wait_ready()
             requests = {s.kind: make_request(s.port, body) for s in servers}
             best: dict[str, float] = {}
+            cpu: dict[str, list[float]] = {s.kind: [] for s in servers}
             for round_ in range(args.rounds + 1):  # round 0 warms both up
                 for server in servers:
                     n = args.clients * 2 if round_ == 0 else args.requests
+                    before = server.cpu_seconds()
                     rate, statuses, ids = await drive(server.port, requests[server.kind], n,
                                                       args.clients)
+                    if round_:
+                        cpu[server.kind].append((server.cpu_seconds() - before) / n * 1e3)
                     if server.kind == "openedits":
                         accepted += ids
                     if set(statuses) != {200}:
                         print(f"  {server.kind}: statuses {statuses}")
                     if round_:
-                        print(f"  round {round_} {server.kind:9s} {rate:7.1f} req/s")
+                        print(f"  round {round_} {server.kind:9s} {rate:7.1f} req/s  "
+                              f"{cpu[server.kind][-1]:.2f} CPU ms per request")
                         best[server.kind] = max(best.get(server.kind, 0.0), rate)
         finally:
             for server in servers:
@@ -258,6 +271,11 @@ async def _run(args: argparse.Namespace) -> None:
     print(f"bare FastAPI (parse only): {best['bare']:.1f} req/s")
     print(f"openedits async submit:    {best['openedits']:.1f} req/s")
     print(f"ratio openedits / bare:    {ratio:.2f}  (goal >= 0.8)")
+    lowest = {kind: min(values) for kind, values in cpu.items()}
+    if all(lowest.values()):
+        print(f"server CPU per request:    bare {lowest['bare']:.2f} ms, openedits "
+              f"{lowest['openedits']:.2f} ms (lowest round; the ratio of CPU costs "
+              f"{lowest['bare'] / lowest['openedits']:.2f})")
     print(f"durable: {stored} of {len(accepted)} accepted tasks in the store")
 
 

@@ -27,19 +27,27 @@ __all__ = [
 ]
 
 
-def get_runtime(request: Request) -> Runtime:
+# The lookups below are `async def` on purpose: FastAPI runs a plain `def` dependency in the
+# thread pool, a thread hop per dependency per request for what is an attribute read.
+
+
+async def get_runtime(request: Request) -> Runtime:
     """The process's Runtime."""
+    return _runtime(request)
+
+
+def _runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
 
 
-def get_service(request: Request) -> EditService:
+async def get_service(request: Request) -> EditService:
     """The edit service."""
     service: EditService = request.app.state.service
     return service
 
 
-def get_trace_id(request: Request) -> str:
+async def get_trace_id(request: Request) -> str:
     """This request's trace id (set by TraceMiddleware)."""
     return str(request.state.trace_id)
 
@@ -54,7 +62,7 @@ def get_body_budget(request: Request) -> BodyBudget:
     """The app's one BodyBudget (made on first use, from the settings)."""
     budget: BodyBudget | None = getattr(request.app.state, "bodies", None)
     if budget is None:
-        settings = get_runtime(request).settings
+        settings = _runtime(request).settings
         budget = BodyBudget(settings.max_body_bytes_in_flight, settings.body_wait_seconds)
         request.app.state.bodies = budget
     return budget
@@ -78,7 +86,7 @@ async def read_json_object(request: Request, hold: BodyHold | None = None) -> di
 
 async def read_json_bytes(request: Request, hold: BodyHold) -> bytes:
     """The body's bytes, size-capped and decoded, for parse_json_object (in a thread)."""
-    return await read_body(request, hold, get_runtime(request).settings.max_body_bytes)
+    return await read_body(request, hold, _runtime(request).settings.max_body_bytes)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
