@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    and_,
-    bindparam,
-    delete,
-    func,
-    insert,
-    or_,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
-from openedits.errors import QueueFull, ServerBusy
 from openedits.schemas import TaskState
+from openedits.store._inserts import InsertWriter, count_active
 from openedits.store._tables import task_payloads, tasks
 from openedits.webhooks.outbox import owe_callback
 
@@ -35,22 +21,6 @@ __all__ = ["PRIORITY", "InlineInput", "NewTask", "TaskRow", "TaskStore"]
 PRIORITY = {"turbo": 0, "fast": 1, "relax": 2}
 # A packed payload body (see _pack) keeps the rest of the submit body under this key.
 _PACKED = "body"
-# Seconds a submit waits for this process's SQLite write slot before it answers 503.
-_WRITE_WAIT_SECONDS = 10.0
-# Submits checkpoint SQLite's WAL after writing about this much (see _checkpoint_soon).
-_CHECKPOINT_BYTES = 8 << 20
-_ROW_BYTES = 2048  # about what a task row and its payload body add besides the inline data
-# The PostgreSQL advisory lock that serialises queue-bound checks: b"openedit" as a bigint.
-_QUEUE_LOCK_KEY = int.from_bytes(b"openedit", "big", signed=True)
-
-
-_ACTIVE = tasks.c.state.in_([TaskState.pending.value, TaskState.running.value])
-_COUNT_ACTIVE = select(func.count()).select_from(tasks).where(_ACTIVE)
-_COUNT_ACTIVE_UPTO = select(func.count()).select_from(
-    select(tasks.c.id).where(_ACTIVE).limit(bindparam("upto")).subquery()
-)
-_INSERT_TASK = insert(tasks)
-_INSERT_PAYLOAD = insert(task_payloads)
 
 
 @dataclass(frozen=True)
@@ -159,9 +129,7 @@ class TaskStore:
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.clock = clock
-        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
-        self._checkpointing = threading.Lock()
-        self._unchecked = 0  # bytes submits wrote to the WAL since this store's last checkpoint
+        self._inserts = InsertWriter(engine)
 
     # --- creating and reading
 
@@ -176,11 +144,12 @@ class TaskStore:
         """Insert a pending task and its submit body, in one transaction; an (owner,
         idempotency_key) clash raises IntegrityError.
 
-        `inline` holds inputs sent inline (data: URIs, bare base64), as raw bytes kept in
-        the payload's `data` column instead of as base64 text in its body; `payload()` puts
-        them back. With `queue_max`, the count of active tasks and the insert are one atomic
-        step (QueueFull when the queue is at the bound), whatever number of threads and
-        processes submit at once.
+        `inline` holds inputs sent inline (data: URIs, bare base64), kept in the payload's
+        `data` column instead of in its JSON body; `payload()` puts them back. With
+        `queue_max`, the count of active tasks and the insert are one atomic step (QueueFull
+        when the queue is at the bound), whatever number of threads and processes submit at
+        once. Concurrent calls are written together (InsertWriter); each returns once its
+        task is committed.
         """
         now = self.clock()
         values = {
@@ -207,87 +176,10 @@ class TaskStore:
             "request_hash": new.request_hash,
         }
         body, data = _pack(payload, inline or {})
-        with self._writer(), self.engine.begin() as conn:
-            if queue_max is not None:
-                self._lock_queue(conn)
-                active = self._count_active(conn, limit=queue_max)
-                if active >= queue_max:
-                    raise QueueFull(
-                        f"the queue holds {queue_max} tasks, its limit "
-                        "(OPENEDITS_QUEUE_MAX); retry later",
-                        retry_after=5,
-                    )
-            # Statements built once, parameters apart: no per-submit statement building.
-            conn.execute(_INSERT_TASK, values)
-            conn.execute(_INSERT_PAYLOAD, {"task_id": new.id, "body": body, "data": data})
-            self._unchecked += len(data or b"") + _ROW_BYTES
-        self._checkpoint_soon()
+        self._inserts.insert(
+            values, {"task_id": new.id, "body": body, "data": data}, queue_max=queue_max
+        )
         return TaskRow.from_mapping(values)
-
-    def _checkpoint_soon(self) -> None:
-        """On SQLite, copy the WAL into the database once submits have written a few MB.
-
-        SQLite's own checkpoint runs inside the commit that crosses its threshold, that is
-        inside the write slot, so every submit queued behind it waited for pages to be copied
-        and two fsyncs. Here it runs after the commit, outside the slot (a passive checkpoint
-        never blocks writers), in one thread at a time. Durability is the WAL's either way.
-        """
-        if self._write_lock is None or self._unchecked < _CHECKPOINT_BYTES:
-            return
-        if not self._checkpointing.acquire(blocking=False):
-            return
-        try:
-            self._unchecked = 0
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            self._checkpointing.release()
-
-    @contextmanager
-    def _writer(self) -> Iterator[None]:
-        """Serialise this process's submits on SQLite, which has one writer at a time.
-
-        Waiting here is a queue; waiting in SQLite's busy handler is a sleep-and-retry loop
-        whose sleeps grow to 100 ms, so under a burst of submits most of the time went to
-        sleeping while the database was free. The wait is bounded: a writer that cannot get
-        in within the busy timeout gets ServerBusy (503, Retry-After), never a 500.
-        """
-        if self._write_lock is None:
-            yield
-            return
-        if not self._write_lock.acquire(timeout=_WRITE_WAIT_SECONDS):
-            raise ServerBusy(
-                f"the task store is busy (no write slot within {_WRITE_WAIT_SECONDS:g} s); "
-                "retry shortly",
-                retry_after=2,
-            )
-        try:
-            yield
-        finally:
-            self._write_lock.release()
-
-    def _lock_queue(self, conn: Connection) -> None:
-        """Make this transaction the only one counting and filling the queue until it ends.
-
-        SQLite: BEGIN IMMEDIATE takes the database's write lock before the count, so no other
-        connection (thread or process) can insert between the count and the insert.
-        PostgreSQL: a transaction-scoped advisory lock does the same for every API process.
-        (Other databases get no lock: the bound may then be passed by a few concurrent submits.)
-        """
-        dialect = conn.dialect.name
-        if dialect == "sqlite":
-            # pysqlite opens transactions itself only before DML; starting it here, explicitly,
-            # makes the count below part of the same write transaction.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        elif dialect == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _QUEUE_LOCK_KEY})
-
-    @staticmethod
-    def _count_active(conn: Connection, *, limit: int | None = None) -> int:
-        """Active tasks, counted up to `limit` at most (a full queue costs no full scan)."""
-        if limit is None:
-            return int(conn.execute(_COUNT_ACTIVE).scalar_one())
-        return int(conn.execute(_COUNT_ACTIVE_UPTO, {"upto": limit}).scalar_one())
 
     def get(self, task_id: str, *, owner: str | None = None) -> TaskRow | None:
         """The task, or None when it does not exist or belongs to another owner."""
@@ -358,7 +250,7 @@ class TaskStore:
     def count_active(self) -> int:
         """Tasks pending or running: the queue's depth."""
         with self.engine.connect() as conn:
-            return self._count_active(conn)
+            return count_active(conn)
 
     # --- the one guarded transition
 
