@@ -212,3 +212,34 @@ def test_the_queue_bound_holds_under_concurrent_submits_from_two_processes(
     assert stores[0].count_active() == 1
     assert all(exc.headers["Retry-After"] for exc in refused)
     assert "OPENEDITS_QUEUE_MAX" in refused[0].message
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_submits_are_written_together_and_one_bad_row_fails_alone(
+    store: TaskStore,
+) -> None:
+    start = threading.Barrier(24)
+    outcomes: dict[int, str] = {}
+
+    def submit(i: int) -> None:
+        # Every fourth submit reuses one idempotency key: one of them wins, the rest clash.
+        new = NewTask(id=f"{i:08d}-0000-0000-0000-000000000000", owner="o", trace_id=f"t{i}",
+                      request={}, priority=1, base_url="http://h/",
+                      idempotency_key="same" if i % 4 == 0 else None)
+        start.wait()
+        try:
+            store.create(new, {"i": i})
+            outcomes[i] = "ok"
+        except Exception as exc:
+            outcomes[i] = "duplicate" if store.is_duplicate_key_error(exc) else repr(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes.values()).count("duplicate") == 5, outcomes
+    assert sorted(outcomes.values()).count("ok") == 19, outcomes
+    assert all(store.payload(f"{i:08d}-0000-0000-0000-000000000000") == {"i": i}
+               for i, outcome in outcomes.items() if outcome == "ok")
+    assert store.page(owner="o", limit=100)[1] == 19
