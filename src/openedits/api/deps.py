@@ -52,10 +52,15 @@ async def get_trace_id(request: Request) -> str:
     return str(request.state.trace_id)
 
 
-def get_caller(request: Request) -> Caller:
+async def get_caller(request: Request) -> Caller:
     """Authenticate the bearer token (401 invalid_token when missing or unknown)."""
     service: EditService = request.app.state.service
-    return service.authenticator.authenticate(request.headers.get("authorization"))
+    header = request.headers.get("authorization")
+    caller = service.authenticator.bootstrap_caller(header)
+    if caller is not None:
+        return caller
+    # Stored tokens are looked up in the database: off the event loop.
+    return await to_thread.run_sync(service.authenticator.authenticate, header)
 
 
 def get_body_budget(request: Request) -> BodyBudget:
