@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sqlite3
 import time
 import zlib
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from openedits.api.app import create_app
 from openedits.settings import Settings
@@ -220,3 +222,21 @@ def test_a_sync_timeout_answers_504_with_the_task_id(tmp_path: Path) -> None:
         assert body["task_id"] in body["error"]["message"]
         record = tc.post("/midjourney/tasks", headers=AUTH, json={"id": body["task_id"]}).json()
         assert record["id"] == body["task_id"]
+
+
+def test_a_locked_database_is_a_503_with_retry_after_not_a_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(Settings(data_dir=tmp_path, api_tokens=TOKEN), engine=FakeEngine())
+    store = app.state.runtime.store
+
+    def locked(batch: list[Any]) -> None:
+        raise OperationalError("INSERT INTO tasks", {}, sqlite3.OperationalError(
+            "database is locked"))
+
+    monkeypatch.setattr(store._inserts, "_transaction", locked)
+    with TestClient(app) as tc:
+        r = tc.post("/midjourney/edits", headers=AUTH,
+                    json={"image_url": IMAGE_URI, "prompt": "x", "async": True})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "server_busy" and int(r.headers["retry-after"]) >= 1

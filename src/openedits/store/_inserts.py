@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, text
+from sqlalchemy.exc import IntegrityError
 
 from openedits.errors import QueueFull, ServerBusy
 from openedits.schemas import TaskState
@@ -109,7 +110,7 @@ class InsertWriter:
         try:
             try:
                 self._transaction(batch)
-            except Exception as exc:
+            except IntegrityError as exc:
                 if len(batch) == 1:
                     batch[0].error = exc
                 else:
@@ -121,6 +122,11 @@ class InsertWriter:
                             self._transaction([item])
                         except Exception as one:
                             item.error = one
+            except Exception as exc:
+                # The database itself failed (locked past its timeout, gone): every submit in
+                # the batch hears it, at once, rather than after one retry each.
+                for item in batch:
+                    item.error = exc
         finally:
             for item in batch:
                 item.done.set()
