@@ -44,6 +44,14 @@ def digest_request(body: dict[str, Any]) -> dict[str, Any]:
     return bounded_request(body, {})
 
 
+def _light(edit: EditCreate, sources: dict[str, Source]) -> EditCreate:
+    """The checked edit without its megabytes: inline inputs as digests, no unknown keys."""
+    values = {name: getattr(edit, name) for name in EditCreate.model_fields}
+    for name, source in sources.items():
+        values[name] = source.recorded()
+    return EditCreate.model_construct(**values)
+
+
 class EditService:
     """The edit use cases behind the routes; knows nothing of HTTP."""
 
@@ -114,18 +122,18 @@ class EditService:
         trace_id: str,
         base_url: str,
         idempotency_key: str | None = None,
-    ) -> tuple[TaskRow, bool]:
+    ) -> tuple[TaskRow, EditCreate]:
         """Accept an edit: store it pending, then hand it to the dispatcher. Returns the task
-        and whether the caller wants the reply at once (`async` or a `callback_url`); the
-        body's megabytes are not kept beyond this call.
+        and the edit as checked, light: inline inputs as their digests and no unknown keys,
+        so a caller that waits for the task holds none of the body's megabytes.
 
         With an Idempotency-Key, a retry of the same body returns the first task; the same
         key with another body is refused, so a client bug cannot silently drop an edit.
         """
         caller.require("edits")
         edit = self.parse(body)
-        reply_now = edit.async_ or edit.callback_url is not None
         sources = self.sources(edit)
+        light = _light(edit, sources)
         store = self.rt.store
         digest = None
         if idempotency_key is not None:
@@ -141,7 +149,7 @@ class EditService:
             digest = request_hash(body, sources)
             existing = store.get_by_idempotency_key(caller.token_id, idempotency_key)
             if existing is not None:
-                return self._same_request(existing, digest, idempotency_key), reply_now
+                return self._same_request(existing, digest, idempotency_key), light
         new = NewTask(
             id=new_task_id(),
             owner=caller.token_id,
@@ -172,9 +180,9 @@ class EditService:
             if existing is None:
                 raise
             assert digest is not None
-            return self._same_request(existing, digest, idempotency_key), reply_now
+            return self._same_request(existing, digest, idempotency_key), light
         self.dispatcher.submit(row.id, row.priority)
-        return row, reply_now
+        return row, light
 
     @staticmethod
     def _same_request(existing: TaskRow, request_hash: str, key: str) -> TaskRow:

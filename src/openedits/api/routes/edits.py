@@ -78,7 +78,7 @@ async def create_edit(
         raw = await read_json_bytes(request, hold)
         # Parsing, checking and storing take CPU time and write to the store: off the event
         # loop, in one thread hop.
-        row, reply_now = await to_thread.run_sync(
+        row, edit = await to_thread.run_sync(
             partial(
                 _submit,
                 service,
@@ -97,9 +97,8 @@ async def create_edit(
             _stream(service, deliveries, row, rt.settings.sync_timeout_seconds),
             media_type=NDJSON,
         )
-    if reply_now:
-        # A Response skips FastAPI's re-validation of the reply against response_model.
-        return JSONResponse(EditAccepted(task_id=row.id, trace_id=row.trace_id).model_dump())
+    if edit.async_ or edit.callback_url is not None:
+        return EditAccepted(task_id=row.id, trace_id=row.trace_id).model_dump()
     try:
         ended = await service.wait(
             row.id, rt.settings.sync_timeout_seconds, is_gone=request.is_disconnected
@@ -127,7 +126,7 @@ async def create_edit(
 
 def _submit(
     service: EditService, raw: bytes, caller: Caller, **kwargs: Any
-) -> tuple[TaskRow, bool]:
+) -> tuple[TaskRow, EditCreate]:
     return service.submit(parse_json_object(raw), caller, **kwargs)
 
 
