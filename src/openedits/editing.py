@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from anyio import to_thread
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 
 from openedits._ids import new_task_id
 from openedits._net import NetPolicy, check_url
@@ -20,12 +19,13 @@ from openedits.errors import (
     InvalidInput,
     NotImplementedOnServer,
     PromptRefused,
-    QueueFull,
+    ServerBusy,
     SyncTimeout,
     TaskCancelled,
     describe_value,
     validation_message,
 )
+from openedits.intake import Source, bounded_request, check_source, check_url_syntax, request_hash
 from openedits.records import failure_body, task_record
 from openedits.runtime import Runtime
 from openedits.schemas import EditCreate, TasksRequest, TaskState
@@ -35,32 +35,21 @@ from openedits.workers.events import TaskEvent, TaskFinished, TaskProgress
 
 __all__ = ["EditService", "digest_request"]
 
-_SOURCE_FIELDS = ("image_url", "mask")
+_SOURCE_FIELDS = (("image_url", False), ("mask", True))  # (field, bare base64 allowed)
 _MAX_OFFSET = 2**62
 
 
-def _digest(value: str) -> str:
-    """A short stand-in for an inline image: enough to recognise it, not the megabytes."""
-    digest = hashlib.sha256(value.encode()).hexdigest()[:16]
-    if value.startswith("data:"):
-        head = value.split(",", 1)[0]
-        return f"{head},…sha256:{digest} ({len(value)} chars)"
-    return f"base64…sha256:{digest} ({len(value)} chars)"
-
-
 def digest_request(body: dict[str, Any]) -> dict[str, Any]:
-    """The body as the task record keeps it: inline images replaced by digests."""
-    kept = dict(body)
-    for key in _SOURCE_FIELDS:
-        value = kept.get(key)
-        if isinstance(value, str) and not value.startswith(("http://", "https://")):
-            kept[key] = _digest(value)
-    return kept
+    """The body as the task record keeps it: inline images as digests, unknown keys bounded."""
+    return bounded_request(body, {})
 
 
-def _request_hash(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def _light(edit: EditCreate, sources: dict[str, Source]) -> EditCreate:
+    """The checked edit without its megabytes: inline inputs as digests, no unknown keys."""
+    values = {name: getattr(edit, name) for name in EditCreate.model_fields}
+    for name, source in sources.items():
+        values[name] = source.recorded()
+    return EditCreate.model_construct(**values)
 
 
 class EditService:
@@ -101,11 +90,6 @@ class EditService:
                     f"prompt contains {pattern.pattern[2:-2].replace(chr(92), '')!r}, "
                     "a word this server's moderation list refuses"
                 )
-        if not edit.image_url.startswith(("http://", "https://", "data:")):
-            raise InvalidInput(
-                f"image_url {describe_value(edit.image_url)} is not an http(s) URL or a "
-                "data:image/...;base64, URI"
-            )
         caps = self.rt.engine.capabilities
         if caps.needs_mask and edit.mask is None:
             raise InvalidInput(
@@ -114,12 +98,21 @@ class EditService:
                 "diffusion model with OPENEDITS_DIFFUSERS_MODEL to edit from the prompt alone"
             )
         if edit.callback_url is not None:
-            check_url(
-                edit.callback_url,
-                field="callback_url",
-                policy=NetPolicy.from_settings(self.rt.settings),
-            )
+            url = check_url_syntax(edit.callback_url, field="callback_url")
+            check_url(url, field="callback_url", policy=NetPolicy.from_settings(self.rt.settings))
         return edit
+
+    def sources(self, edit: EditCreate) -> dict[str, Source]:
+        """image_url and mask checked alike: URLs by their syntax, inline inputs decoded (a
+        bad or oversized one is refused now, before any task exists)."""
+        checked = {}
+        for name, bare in _SOURCE_FIELDS:
+            value = getattr(edit, name)
+            if value is not None:
+                checked[name] = check_source(
+                    value, field=name, allow_bare_base64=bare, fetcher=self.rt.fetcher
+                )
+        return checked
 
     def submit(
         self,
@@ -130,15 +123,19 @@ class EditService:
         base_url: str,
         idempotency_key: str | None = None,
     ) -> tuple[TaskRow, EditCreate]:
-        """Accept an edit: store it pending, then hand it to the dispatcher.
+        """Accept an edit: store it pending, then hand it to the dispatcher. Returns the task
+        and the edit as checked, light: inline inputs as their digests and no unknown keys,
+        so a caller that waits for the task holds none of the body's megabytes.
 
         With an Idempotency-Key, a retry of the same body returns the first task; the same
         key with another body is refused, so a client bug cannot silently drop an edit.
         """
         caller.require("edits")
         edit = self.parse(body)
+        sources = self.sources(edit)
+        light = _light(edit, sources)
         store = self.rt.store
-        request_hash = _request_hash(body)
+        digest = None
         if idempotency_key is not None:
             if not idempotency_key.strip():
                 # Most likely an unset template variable; as a key it would tie every later
@@ -149,27 +146,32 @@ class EditService:
                 )
             if len(idempotency_key) > 255:
                 raise InvalidInput("the Idempotency-Key header is over 255 characters")
+            digest = request_hash(body, sources)
             existing = store.get_by_idempotency_key(caller.token_id, idempotency_key)
             if existing is not None:
-                return self._same_request(existing, request_hash, idempotency_key), edit
-        if store.count_active() >= self.rt.settings.queue_max:
-            raise QueueFull(
-                f"the queue holds {self.rt.settings.queue_max} tasks, its limit; retry later",
-                retry_after=5,
-            )
+                return self._same_request(existing, digest, idempotency_key), light
         new = NewTask(
             id=new_task_id(),
             owner=caller.token_id,
             trace_id=trace_id,
-            request=digest_request(body),
+            request=bounded_request(body, sources),
             priority=PRIORITY[edit.mode],
             base_url=self.rt.settings.public_url or base_url,
-            callback_url=edit.callback_url,
+            callback_url=edit.callback_url.strip() if edit.callback_url else None,
             idempotency_key=idempotency_key,
-            request_hash=request_hash,
+            request_hash=digest,
         )
+        inline = {name: s.inline for name, s in sources.items() if s.inline is not None}
         try:
-            row = store.create(new, body)
+            row = store.create(new, body, inline=inline, queue_max=self.rt.settings.queue_max)
+        except OperationalError as exc:
+            # The database is locked or unreachable for longer than its timeout: an overload
+            # the client can retry, not a server fault.
+            raise ServerBusy(
+                f"the task store could not take the task now ({type(exc.orig).__name__}); "
+                "retry shortly",
+                retry_after=2,
+            ) from None
         except Exception as exc:
             if idempotency_key is None or not store.is_duplicate_key_error(exc):
                 raise
@@ -177,9 +179,10 @@ class EditService:
             existing = store.get_by_idempotency_key(caller.token_id, idempotency_key)
             if existing is None:
                 raise
-            return self._same_request(existing, request_hash, idempotency_key), edit
+            assert digest is not None
+            return self._same_request(existing, digest, idempotency_key), light
         self.dispatcher.submit(row.id, row.priority)
-        return row, edit
+        return row, light
 
     @staticmethod
     def _same_request(existing: TaskRow, request_hash: str, key: str) -> TaskRow:

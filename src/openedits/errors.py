@@ -15,6 +15,7 @@
     │   └── TaskNotFound                404 not_found
     ├── PayloadTooLarge                 413 payload_too_large
     │   └── ImageTooLarge               413 payload_too_large
+    ├── UnsupportedEncoding             415 unsupported_media_type (a content-encoding not read)
     ├── RateLimited                     429 too_many_requests (carries retry_after)
     │   └── QueueFull                   429 too_many_requests
     ├── EngineUnavailable               500 api_error     (a missing extra, unloadable weights)
@@ -51,6 +52,7 @@ __all__ = [
     "TaskNotFound",
     "TokenInvalid",
     "TokenMismatched",
+    "UnsupportedEncoding",
     "describe_value",
     "validation_message",
 ]
@@ -174,6 +176,13 @@ class PayloadTooLarge(OpenEditsError):
 
 class ImageTooLarge(PayloadTooLarge):
     """An image or mask is over the byte or pixel limits."""
+
+
+class UnsupportedEncoding(OpenEditsError):
+    """The body is sent in a content-encoding openedits does not decode."""
+
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class RateLimited(OpenEditsError):

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     fetch_timeout_seconds: float = Field(default=20.0, gt=0)
     max_redirects: int = Field(default=3, ge=0, le=10)
     max_body_bytes: int = Field(default=40_000_000, gt=0)
+    # Bytes of request bodies held in memory at once, across all requests: a body that would
+    # pass it waits up to body_wait_seconds for room, then gets 503 with Retry-After.
+    max_body_bytes_in_flight: int = Field(default=100_000_000, gt=0)
+    body_wait_seconds: float = Field(default=5.0, ge=0)
     max_image_bytes: int = Field(default=20_000_000, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     max_side: int = Field(default=2048, ge=64)

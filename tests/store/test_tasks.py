@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect, select
 
+from openedits.errors import QueueFull
 from openedits.schemas import TaskState
+from openedits.store._tables import task_payloads
 from openedits.store.database import create_db_engine, migrate
-from openedits.store.tasks import NewTask, TaskStore
+from openedits.store.tasks import InlineInput, NewTask, TaskStore
 from tests.fakes import FakeClock
 
 
@@ -141,3 +148,98 @@ def test_page_filters_and_counts(store: TaskStore, clock: FakeClock) -> None:
     assert (rows, total) == ([], 0)
     rows, total = store.page(owner=None, trace_ids=["t1", "t4"])
     assert total == 2
+
+
+def test_inline_inputs_are_kept_outside_the_json_body_and_come_back_as_sent(
+    store: TaskStore,
+) -> None:
+    encoded = base64.b64encode(bytes(range(256)) * 40)
+    uri = "data:image/png;base64," + encoded.decode()
+    row = store.create(_new(1), {"prompt": "x", "image_url": uri, "mask": encoded.decode(),
+                                 "extra": [1]},
+                       inline={"image_url": InlineInput("data:image/png;base64,", encoded),
+                               "mask": InlineInput("", encoded)})
+    assert store.payload(row.id) == {"prompt": "x", "image_url": uri, "mask": encoded.decode(),
+                                     "extra": [1]}
+    with store.engine.connect() as conn:
+        body, data = conn.execute(
+            select(task_payloads.c.body, task_payloads.c.data)).one()
+    assert uri not in json.dumps(body) and data == encoded + encoded
+
+
+def test_a_payload_stored_before_inline_packing_still_reads(store: TaskStore) -> None:
+    row = store.create(_new(1), {"image_url": "data:image/png;base64,AAAA", "prompt": "x"})
+    assert store.payload(row.id) == {"image_url": "data:image/png;base64,AAAA", "prompt": "x"}
+
+
+@pytest.mark.timeout(60)
+def test_the_queue_bound_holds_under_concurrent_submits_from_two_processes(
+    tmp_path: Path,
+) -> None:
+    # Two stores on one file stand for two API processes: each has its own in-process write
+    # slot, so only the database's own lock (BEGIN IMMEDIATE) can keep the bound.
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    engine = create_db_engine(url)
+    migrate(engine)
+    stores = [TaskStore(engine), TaskStore(create_db_engine(url))]
+
+    def linger_after_counting(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        # Widens the window between the count and the insert, where a racing submit would
+        # slip in if the two were not one atomic step.
+        if "count(" in statement.lower():
+            time.sleep(0.01)
+
+    for store_ in stores:
+        event.listen(store_.engine, "after_cursor_execute", linger_after_counting)
+    accepted: list[str] = []
+    refused: list[QueueFull] = []
+    start = threading.Barrier(40)
+
+    def submit(i: int) -> None:
+        start.wait()
+        try:
+            accepted.append(stores[i % 2].create(_new(i), {}, queue_max=1).id)
+        except QueueFull as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # A bound of 1: two stores that both counted 0 before either inserted would both accept.
+    assert len(accepted) == 1 and len(refused) == 39
+    assert stores[0].count_active() == 1
+    assert all(exc.headers["Retry-After"] for exc in refused)
+    assert "OPENEDITS_QUEUE_MAX" in refused[0].message
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_submits_are_written_together_and_one_bad_row_fails_alone(
+    store: TaskStore,
+) -> None:
+    start = threading.Barrier(24)
+    outcomes: dict[int, str] = {}
+
+    def submit(i: int) -> None:
+        # Every fourth submit reuses one idempotency key: one of them wins, the rest clash.
+        new = NewTask(id=f"{i:08d}-0000-0000-0000-000000000000", owner="o", trace_id=f"t{i}",
+                      request={}, priority=1, base_url="http://h/",
+                      idempotency_key="same" if i % 4 == 0 else None)
+        start.wait()
+        try:
+            store.create(new, {"i": i})
+            outcomes[i] = "ok"
+        except Exception as exc:
+            outcomes[i] = "duplicate" if store.is_duplicate_key_error(exc) else repr(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes.values()).count("duplicate") == 5, outcomes
+    assert sorted(outcomes.values()).count("ok") == 19, outcomes
+    assert all(store.payload(f"{i:08d}-0000-0000-0000-000000000000") == {"i": i}
+               for i, outcome in outcomes.items() if outcome == "ok")
+    assert store.page(owner="o", limit=100)[1] == 19

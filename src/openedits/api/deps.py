@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import Depends, Request
 
+from openedits.api._bodies import BodyBudget, BodyHold, read_body
 from openedits.auth import Caller
 from openedits.editing import EditService
-from openedits.errors import InvalidInput, PayloadTooLarge, describe_value
+from openedits.errors import InvalidInput, describe_value
 from openedits.runtime import Runtime
 
 __all__ = [
@@ -19,55 +20,89 @@ __all__ = [
     "RuntimeDep",
     "ServiceDep",
     "TraceIdDep",
+    "get_body_budget",
+    "parse_json_object",
+    "read_json_bytes",
     "read_json_object",
 ]
 
 
-def get_runtime(request: Request) -> Runtime:
+# The lookups below are `async def` on purpose: FastAPI runs a plain `def` dependency in the
+# thread pool, a thread hop per dependency per request for what is an attribute read.
+
+
+async def get_runtime(request: Request) -> Runtime:
     """The process's Runtime."""
+    return _runtime(request)
+
+
+def _runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
 
 
-def get_service(request: Request) -> EditService:
+async def get_service(request: Request) -> EditService:
     """The edit service."""
     service: EditService = request.app.state.service
     return service
 
 
-def get_trace_id(request: Request) -> str:
+async def get_trace_id(request: Request) -> str:
     """This request's trace id (set by TraceMiddleware)."""
     return str(request.state.trace_id)
 
 
-def get_caller(request: Request) -> Caller:
+async def get_caller(request: Request) -> Caller:
     """Authenticate the bearer token (401 invalid_token when missing or unknown)."""
     service: EditService = request.app.state.service
-    return service.authenticator.authenticate(request.headers.get("authorization"))
+    header = request.headers.get("authorization")
+    caller = service.authenticator.bootstrap_caller(header)
+    if caller is not None:
+        return caller
+    # Stored tokens are looked up in the database: off the event loop.
+    return await to_thread.run_sync(service.authenticator.authenticate, header)
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object, size-capped; `null` values dropped (they count as absent)."""
-    limit = get_runtime(request).settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"the request body is {int(declared):,} bytes; at most {limit:,} are accepted "
-            "(send large images by URL instead of inline)"
-        )
-    chunks = bytearray()
-    async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise PayloadTooLarge(f"the request body is over {limit:,} bytes")
+def get_body_budget(request: Request) -> BodyBudget:
+    """The app's one BodyBudget (made on first use, from the settings)."""
+    budget: BodyBudget | None = getattr(request.app.state, "bodies", None)
+    if budget is None:
+        settings = _runtime(request).settings
+        budget = BodyBudget(settings.max_body_bytes_in_flight, settings.body_wait_seconds)
+        request.app.state.bodies = budget
+    return budget
+
+
+async def read_json_object(request: Request, hold: BodyHold | None = None) -> dict[str, Any]:
+    """The body as a JSON object, size-capped; `null` values dropped (they count as absent).
+
+    The body is buffered under the app's BodyBudget: in `hold` when given (the caller keeps
+    the room until it has done with the body), else in a hold of its own, given back once the
+    body is parsed.
+    """
+    if hold is None:
+        async with get_body_budget(request).hold() as own:
+            return await read_json_object(request, own)
+    raw = await read_json_bytes(request, hold)
     # Parsing and walking a large body takes CPU time: off the event loop, so one client's
     # megabytes never stall every other request, stream and health check.
-    return await to_thread.run_sync(_parse, bytes(chunks))
+    return await to_thread.run_sync(parse_json_object, raw)
 
 
-def _parse(chunks: bytes) -> dict[str, Any]:
-    """Decode and check a body (see read_json_object)."""
-    if not chunks.strip():
+async def read_json_bytes(request: Request, hold: BodyHold) -> bytes:
+    """The body's bytes, size-capped and decoded, for parse_json_object (in a thread)."""
+    return await read_body(request, hold, _runtime(request).settings.max_body_bytes)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object (see read_json_object)."""
+    return await read_json_object(request)
+
+
+def parse_json_object(chunks: bytes) -> dict[str, Any]:
+    """Decode and check a body: a JSON object, not too deep, with strings any store can keep,
+    `null` values dropped. Takes CPU time on a large body: call it off the event loop."""
+    if not chunks or chunks.isspace():
         raise InvalidInput("the body is empty; send a JSON object such as {\"image_url\": …}")
     try:
         body = json.loads(chunks, parse_constant=_refuse_constant)
@@ -180,4 +215,4 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ServiceDep = Annotated[EditService, Depends(get_service)]
 TraceIdDep = Annotated[str, Depends(get_trace_id)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
-JsonBodyDep = Annotated[dict[str, Any], Depends(read_json_object)]
+JsonBodyDep = Annotated[dict[str, Any], Depends(_json_body)]

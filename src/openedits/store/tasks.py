@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from openedits.schemas import TaskState
+from openedits.store._inserts import InsertWriter, count_active
 from openedits.store._tables import task_payloads, tasks
 from openedits.webhooks.outbox import owe_callback
 
-__all__ = ["PRIORITY", "NewTask", "TaskRow", "TaskStore"]
+__all__ = ["PRIORITY", "InlineInput", "NewTask", "TaskRow", "TaskStore"]
 
 PRIORITY = {"turbo": 0, "fast": 1, "relax": 2}
+# A packed payload body (see _pack) keeps the rest of the submit body under this key.
+_PACKED = "body"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,41 @@ class NewTask:
     callback_url: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class InlineInput:
+    """An input sent inline: its base64 text as ASCII bytes (kept in the payload's `data`
+    column, not in its JSON body), and the text before it (a data: URI's
+    `data:image/png;base64,` head, or "" for bare base64)."""
+
+    prefix: str
+    encoded: bytes
+
+
+def _pack(
+    payload: dict[str, Any], inline: Mapping[str, InlineInput]
+) -> tuple[dict[str, Any], bytes | None]:
+    """The payload row's (body, data): inline inputs one after another in `data`, and where
+    each one lies (field, prefix, length) in the body's `inline` list. Megabytes of base64
+    then never pass through a JSON encoder, on the way in or out."""
+    if not inline:
+        return payload, None
+    layout = [[name, item.prefix, len(item.encoded)] for name, item in inline.items()]
+    rest = {k: v for k, v in payload.items() if k not in inline}
+    return {_PACKED: rest, "inline": layout}, b"".join(item.encoded for item in inline.values())
+
+
+def _unpack(body: dict[str, Any], data: bytes | None) -> dict[str, Any]:
+    """The inverse of _pack: the body with each inline input in its field again."""
+    if data is None or _PACKED not in body:
+        return dict(body)
+    out = dict(body[_PACKED])
+    offset = 0
+    for name, prefix, length in body["inline"]:
+        out[name] = prefix + data[offset:offset + length].decode("ascii")
+        offset += length
+    return out
 
 
 @dataclass(frozen=True)
@@ -91,12 +129,29 @@ class TaskStore:
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.clock = clock
+        self._inserts = InsertWriter(engine)
 
     # --- creating and reading
 
-    def create(self, new: NewTask, payload: dict[str, Any]) -> TaskRow:
-        """Insert a pending task and its full submit body, in one transaction; an
-        (owner, idempotency_key) clash raises IntegrityError."""
+    def create(
+        self,
+        new: NewTask,
+        payload: dict[str, Any],
+        *,
+        inline: Mapping[str, InlineInput] | None = None,
+        queue_max: int | None = None,
+    ) -> TaskRow:
+        """Insert a pending task and its submit body, in one transaction; an (owner,
+        idempotency_key) clash raises IntegrityError.
+
+        `inline` holds inputs sent inline (data: URIs, bare base64), kept in the payload's
+        `data` column instead of in its JSON body; `payload()` puts them back. With
+        `queue_max`, the count of active tasks and the insert are one atomic step (QueueFull
+        when the queue is at the bound), whatever number of threads and processes submit at
+        once. Concurrent calls are written together (InsertWriter); each returns once its
+        task is committed.
+        """
+        now = self.clock()
         values = {
             "id": new.id,
             "owner": new.owner,
@@ -110,18 +165,21 @@ class TaskStore:
             "base_url": new.base_url,
             "callback_url": new.callback_url,
             "seeds": None,
-            "created_at": self.clock(),
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
             "attempts": 0,
             "cancel_requested": False,
             "idempotency_key": new.idempotency_key,
             "request_hash": new.request_hash,
         }
-        with self.engine.begin() as conn:
-            conn.execute(insert(tasks).values(**values))
-            conn.execute(insert(task_payloads).values(task_id=new.id, body=payload))
-        row = self.get(new.id)
-        assert row is not None
-        return row
+        body, data = _pack(payload, inline or {})
+        self._inserts.insert(
+            values, {"task_id": new.id, "body": body, "data": data}, queue_max=queue_max
+        )
+        return TaskRow.from_mapping(values)
 
     def get(self, task_id: str, *, owner: str | None = None) -> TaskRow | None:
         """The task, or None when it does not exist or belongs to another owner."""
@@ -133,11 +191,16 @@ class TaskStore:
         return TaskRow.from_mapping(m) if m else None
 
     def payload(self, task_id: str) -> dict[str, Any] | None:
-        """The submit body as sent, while the task has not ended."""
-        query = select(task_payloads.c.body).where(task_payloads.c.task_id == task_id)
+        """The submit body as sent (inline inputs as data: URIs or base64 again), while the
+        task has not ended."""
+        query = select(task_payloads.c.body, task_payloads.c.data).where(
+            task_payloads.c.task_id == task_id
+        )
         with self.engine.connect() as conn:
-            body = conn.execute(query).scalar_one_or_none()
-        return dict(body) if body is not None else None
+            row = conn.execute(query).first()
+        if row is None or row.body is None:
+            return None
+        return _unpack(row.body, row.data)
 
     def get_by_trace(self, trace_id: str, *, owner: str | None = None) -> TaskRow | None:
         """The task a submit with this trace id created."""
@@ -189,10 +252,8 @@ class TaskStore:
 
     def count_active(self) -> int:
         """Tasks pending or running: the queue's depth."""
-        states = [TaskState.pending.value, TaskState.running.value]
         with self.engine.connect() as conn:
-            query = select(func.count()).select_from(tasks).where(tasks.c.state.in_(states))
-            return int(conn.execute(query).scalar_one())
+            return count_active(conn)
 
     # --- the one guarded transition
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from anyio import to_thread
@@ -11,7 +12,16 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openedits.api._errors import envelope
-from openedits.api.deps import CallerDep, JsonBodyDep, RuntimeDep, ServiceDep, TraceIdDep
+from openedits.api.deps import (
+    CallerDep,
+    RuntimeDep,
+    ServiceDep,
+    TraceIdDep,
+    get_body_budget,
+    parse_json_object,
+    read_json_bytes,
+)
+from openedits.auth import Caller
 from openedits.editing import EditService
 from openedits.errors import EngineFailed, OpenEditsError
 from openedits.records import failure_body
@@ -32,9 +42,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         401: "invalid_token",
         403: "forbidden (moderation)",
         413: "payload_too_large",
+        415: "unsupported_media_type (a content-encoding other than gzip or deflate)",
         429: "too_many_requests (with Retry-After)",
         500: "api_error",
-        504: "timeout (the task goes on)",
+        503: "server_busy: too many bodies in flight or the store is busy (with Retry-After)",
+        504: "timeout (the task goes on; the body names its task_id)",
     }.items()
 }
 
@@ -54,23 +66,30 @@ async def create_edit(
     request: Request,
     # The caller before the body: a bad token is refused before any body is read.
     caller: CallerDep,
-    body: JsonBodyDep,
     service: ServiceDep,
     rt: RuntimeDep,
     trace_id: TraceIdDep,
     idempotency_key: str | None = Header(default=None),
 ) -> Any:
     """Edit an image from a prompt: four variants as a 2x2 grid (and singly with split_images)."""
-    # Submitting writes to the store and may resolve a callback host: off the event loop.
-    row, edit = await to_thread.run_sync(
-        lambda: service.submit(
-            body,
-            caller,
-            trace_id=trace_id,
-            base_url=str(request.base_url),
-            idempotency_key=idempotency_key,
+    # The body's room in the budget is held until the task is stored, then given back: a
+    # sync caller waiting for its edit holds no megabytes meanwhile.
+    async with get_body_budget(request).hold() as hold:
+        raw = await read_json_bytes(request, hold)
+        # Parsing, checking and storing take CPU time and write to the store: off the event
+        # loop, in one thread hop.
+        row, edit = await to_thread.run_sync(
+            partial(
+                _submit,
+                service,
+                raw,
+                caller,
+                trace_id=trace_id,
+                base_url=str(request.base_url),
+                idempotency_key=idempotency_key,
+            )
         )
-    )
+        del raw
     if NDJSON in request.headers.get("accept", "").lower():
         # Asking for a stream beats `async` and `callback_url`: the caller said how it waits.
         deliveries: DeliveryLoop = request.app.state.deliveries
@@ -80,9 +99,18 @@ async def create_edit(
         )
     if edit.async_ or edit.callback_url is not None:
         return EditAccepted(task_id=row.id, trace_id=row.trace_id).model_dump()
-    ended = await service.wait(
-        row.id, rt.settings.sync_timeout_seconds, is_gone=request.is_disconnected
-    )
+    try:
+        ended = await service.wait(
+            row.id, rt.settings.sync_timeout_seconds, is_gone=request.is_disconnected
+        )
+    except OpenEditsError as exc:
+        # A sync timeout (the task goes on) or a vanished task: the envelope, with the task
+        # id, like every other error of a sync call that has a task.
+        return JSONResponse(
+            {**envelope(exc.code, exc.message, trace_id), "task_id": row.id},
+            status_code=exc.status_code,
+            headers=exc.headers or None,
+        )
     if ended is None:
         # The client hung up; the task goes on and stays retrievable. Nobody reads this.
         return Response(status_code=499)
@@ -94,6 +122,12 @@ async def create_edit(
         {**envelope(error["code"], error["message"], trace_id), "task_id": ended.id},
         status_code=ended.error_status or 500,
     )
+
+
+def _submit(
+    service: EditService, raw: bytes, caller: Caller, **kwargs: Any
+) -> tuple[TaskRow, EditCreate]:
+    return service.submit(parse_json_object(raw), caller, **kwargs)
 
 
 def _line(body: dict[str, Any]) -> bytes:
