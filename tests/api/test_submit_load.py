@@ -74,7 +74,8 @@ def test_bodies_past_the_budget_get_503_with_retry_after_then_pass(tmp_path: Any
         # A client that announces 6 MB and sends almost none of it holds 6 MB of the budget.
         stalled = socket.create_connection(("127.0.0.1", server.port))
         stalled.sendall(
-            f"POST /midjourney/edits HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n"
+            f"POST /midjourney/edits HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            f"authorization: Bearer {TOKEN}\r\n"
             f"content-type: application/json\r\ncontent-length: {6 * MB}\r\n\r\n{{".encode())
         time.sleep(1.0)
         started = time.monotonic()
@@ -130,8 +131,14 @@ def test_the_queue_bound_holds_under_concurrent_submits(tmp_path: Any) -> None:
             if r.status_code == 429:
                 assert r.json()["error"]["code"] == "too_many_requests"
                 assert int(r.headers["retry-after"]) >= 1
-        health = httpx.get(server.url + "/healthz", timeout=5).json()
-        assert health["queue"]["active"] == 5
+        # /healthz reads the store through a probe refreshed every 2 s: wait for a fresh one.
+        deadline = time.monotonic() + 10
+        while True:
+            active = httpx.get(server.url + "/healthz", timeout=5).json()["queue"]["active"]
+            if active == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert active == 5
 
 
 @pytest.mark.timeout(180)
