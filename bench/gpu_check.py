@@ -47,7 +47,6 @@ _GiB = 1024**3
 def build_real(torch: Any, diffusers: Any, config: dict[str, Any], device: str) -> Any:
     """The pipeline at its published size, random weights, built directly on `device` in bf16."""
     import transformers
-
     from tests.engines.tiny_families import _KLEIN_CHAT_TEMPLATE, _qwen_tokenizer
 
     torch.set_default_dtype(torch.bfloat16)

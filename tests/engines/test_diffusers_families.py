@@ -172,7 +172,8 @@ def test_presets_are_the_familys_with_steps_overridden(tiny_flux2_klein: Path) -
     presets = engine._main.family_presets
     assert {p.steps for p in presets.values()} == {STEPS}
     assert {p.guidance_scale for p in presets.values()} == {1.0}  # distilled klein: guidance 1
-    assert engine.work_size_for((33, 50)) == (34, 50)  # kept aspect, the family's multiple
+    # Kept aspect, raised to the 64 px the FLUX.2 image processor needs, the family's multiple.
+    assert engine.work_size_for((33, 50)) == (64, 96)
 
 
 # ---------------------------------------------------------------- a second model for masks
@@ -256,3 +257,53 @@ def test_image_only_qwen_processor_matches_the_tokens(tiny_qwen_edit: Path) -> N
     grid = out["image_grid_thw"][0]
     # One image token per 2x2 merge of 14-px patches, as Qwen2-VL's own processor expands it.
     assert int((out["input_ids"][0] == pad).sum()) == int(grid.prod()) // 4
+
+
+# ---------------------------------------------------------------- LoRAs
+
+
+def _tiny_lora(model: Path, folder: Path, weight_name: str) -> Path:
+    """A random LoRA over the tiny Kontext transformer's attention, saved as diffusers does."""
+    import torch
+    from diffusers import FluxKontextPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = FluxKontextPipeline.from_pretrained(model)
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                   target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    FluxKontextPipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        weight_name=weight_name,
+    )
+    return folder
+
+
+def test_lora_is_fused_and_brings_its_step_preset(
+    tiny_flux_kontext: Path, tmp_path: Path
+) -> None:
+    lora = _tiny_lora(tiny_flux_kontext, tmp_path / "lora", "tiny-Lightning-4steps.safetensors")
+    engine = DiffusersEngine(
+        tiny_flux_kontext, "cpu", steps=STEPS, work_size="input",
+        loras=f"{lora}?weight_name=tiny-Lightning-4steps.safetensors",
+    )
+    engine.load()
+    assert engine._main is not None
+    presets = engine._main.family_presets
+    assert {(p.steps, p.guidance_scale) for p in presets.values()} == {(4, 1.0)}
+    assert "loras=" in engine.info().extra["speed"]
+    base = warm(tiny_flux_kontext)._main
+    assert base is not None
+    block = engine._main.main.transformer.transformer_blocks[0].attn
+    base_block = base.main.transformer.transformer_blocks[0].attn
+    # Fused into the weights (no adapter left to slow each step down).
+    assert not hasattr(block.to_q, "lora_A")
+    assert not np.allclose(block.to_q.weight.detach().numpy(),
+                           base_block.to_q.weight.detach().numpy())
+    seen: list[float] = []
+    engine.edit(make_test_image(SIZE), None, PROMPT, n=1, seed=0, preset="relax",
+                on_progress=seen.append)
+    assert len(seen) == 4

@@ -66,6 +66,8 @@ class Family:
     native_area: int = 1024 * 1024
     multiple: int = 16
     """VAE factor 8 times the transformer's 2x2 patches."""
+    min_side: int = 0
+    """The pipeline refuses images with a shorter side (FLUX.2's image processor: 64)."""
     caches: frozenset[str] = frozenset()
     cache_context: bool = False
     """The call must run inside `transformer.cache_context` for a step cache to work."""
@@ -120,6 +122,7 @@ FLUX2_KLEIN = Family(
     inpaint="Flux2KleinInpaintPipeline",
     # First-block cache crashes inside diffusers' hook on klein (a TypeError); TaylorSeer works.
     caches=frozenset({"taylorseer"}),
+    min_side=64,
     presets=_modes(FamilyPreset(4, 1.0), FamilyPreset(4, 1.0), FamilyPreset(8, 1.0)),
 )
 FLUX2_KLEIN_BASE = Family(
@@ -129,6 +132,7 @@ FLUX2_KLEIN_BASE = Family(
     pipeline="Flux2KleinPipeline",
     inpaint="Flux2KleinInpaintPipeline",
     caches=frozenset({"taylorseer"}),
+    min_side=64,
     presets=_modes(FamilyPreset(20, 4.0), FamilyPreset(28, 4.0), FamilyPreset(50, 4.0)),
 )
 FLUX_KONTEXT = Family(

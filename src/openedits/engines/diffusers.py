@@ -195,11 +195,12 @@ class DiffusersEngine:
             cache=cache,
             loras=parsed,
         )
-        self.capabilities = type(self).capabilities
         self._load_lock = threading.Lock()
         self._device: str | None = None
         self._main: LoadedModel | None = None
         self._masked: LoadedModel | None = None
+        # Known before loading for a local folder, so submits without a mask are refused at once.
+        self.capabilities = replace(type(self).capabilities, needs_mask=self._needs_mask())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiffusersEngine:
@@ -481,6 +482,9 @@ class DiffusersEngine:
         if self.work_size == "native":
             # Same area as the family's native square, same aspect ratio as the input.
             scale = slot.native / math.sqrt(width * height)
+        floor = slot.family.min_side
+        if floor and min(width, height) * scale < floor:
+            scale = floor / min(width, height)  # up to the smallest the pipeline accepts
         return (
             round_to(int(width * scale), slot.multiple),
             round_to(int(height * scale), slot.multiple),
