@@ -385,7 +385,7 @@ def test_each_seed_alone_on_inpainting_and_instruct_checkpoints(
 def test_shared_work_gives_what_the_pipeline_gives_alone(
     tiny_sd: Path, monkeypatch: pytest.MonkeyPatch, with_mask: bool
 ) -> None:
-    from openedits.engines import diffusers as module
+    from openedits.engines import _diffusers_run as module
 
     engine = warm_engine(tiny_sd)
     image = make_test_image((64, 64))

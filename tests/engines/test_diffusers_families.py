@@ -202,6 +202,7 @@ def test_mask_model_takes_masked_requests(
 # ---------------------------------------------------------------- step caches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "cache_kind"),
     [("flux-kontext", "first-block"), ("flux2-klein", "taylorseer"), ("qwen-edit", "first-block")],
@@ -282,6 +283,7 @@ def _tiny_lora(model: Path, folder: Path, weight_name: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_lora_is_fused_and_brings_its_step_preset(
     tiny_flux_kontext: Path, tmp_path: Path
 ) -> None:

@@ -9,21 +9,19 @@ import, so this module imports (and `validate()` works) without the `openedits[d
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
-from openedits.engines._diffusers_batch import feathered_alpha, paste_back, share_batch_work
+from openedits.engines._diffusers_batch import feathered_alpha, paste_back
 from openedits.engines._diffusers_families import FamilyPreset, family_for
 from openedits.engines._diffusers_options import (
     Dtype,
@@ -41,22 +39,20 @@ from openedits.engines._diffusers_pipes import (
     apply_lora_presets,
     apply_memory_saving,
     call_args,
-    enable_memory_saving,
     load_model,
     round_to,
 )
+from openedits.engines._diffusers_run import free_device, is_oom, run_pipeline
 from openedits.engines.base import (
     Capabilities,
     EngineInfo,
     Preset,
     ProgressCallback,
     ShouldCancel,
-    add_note,
     never_cancel,
     no_progress,
 )
 from openedits.errors import (
-    EngineFailed,
     EngineUnavailable,
     InvalidInput,
     TaskCancelled,
@@ -83,19 +79,6 @@ PRESETS: dict[str, PresetParams] = {
     "relax": PresetParams(steps=40, guidance_scale=7.5, strength=0.75),
 }
 
-# One job at a time per device, across every engine instance in the process: two pipelines on one
-# GPU would just contend for memory, and pipelines that share components (built with from_pipe
-# they share one scheduler object) are not safe to call concurrently.
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_DEVICE_LOCKS_GUARD = threading.Lock()
-_LOCK_POLL_SECONDS = 0.2
-
-
-def _device_lock(device: str) -> threading.Lock:
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(device, threading.Lock())
-
-
 def _import_torch() -> Any:
     try:
         import torch
@@ -112,11 +95,6 @@ def _import_diffusers() -> Any:
             f"the diffusers engine needs diffusers and transformers: {INSTALL_HINT}"
         ) from exc
     return diffusers
-
-
-def _is_oom(exc: BaseException) -> bool:
-    # torch.cuda.OutOfMemoryError is a RuntimeError; MPS and CPU allocators only say it in words.
-    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
 
 
 class DiffusersEngine:
@@ -346,12 +324,12 @@ class DiffusersEngine:
             hint = ""
             if offline and not Path(model).exists():
                 hint = " (the hub is offline: HF_HUB_OFFLINE=1; download the model first)"
-            if _is_oom(exc):
+            if is_oom(exc):
                 hint = (
                     f" (out of memory on {device}; try OPENEDITS_DIFFUSERS_QUANTIZATION, "
                     "OPENEDITS_DIFFUSERS_OFFLOAD=model, or a smaller model)"
                 )
-            self._free(torch, device)
+            free_device(torch, device)
             raise EngineUnavailable(
                 f"could not load diffusers model {model!r} on {device}{hint}: "
                 f"{type(exc).__name__}: {describe_value(str(exc), 300)} "
@@ -557,98 +535,18 @@ class DiffusersEngine:
         n: int,
     ) -> list[Image.Image]:
         assert self._device is not None
-        device = self._device
-        lock = _device_lock(device)
-        # Wait for the device in short slices so a task cancelled while queued behind another
-        # job on the same device stops without ever running.
-        while not lock.acquire(timeout=_LOCK_POLL_SECONDS):
-            if should_cancel():
-                raise TaskCancelled("cancelled while waiting for the device")
-        seeds = [g.initial_seed() for g in kwargs.get("generator") or []]
-        try:
-            try:
-                return self._call(torch, slot, pipe, kwargs)
-            except TaskCancelled:
-                raise
-            except Exception as exc:
-                self._free(torch, device)  # a failed job leaves nothing on the device
-                if not _is_oom(exc) or slot.memory_saving_on or self.memory_saving == "off":
-                    raise self._failure(exc, work, n) from exc
-            # Out of memory with memory saving off: once more with it on, same seeds.
-            enable_memory_saving(slot)
-            note = (
-                f"out of memory on {device} at {work[0]}x{work[1]} with {n} variants; "
-                "retried once with memory saving on (VAE tiling and slicing"
-                + (", attention slicing)" if slot.family.sd else ")")
-            )
-            log.warning("%s", note)
-            add_note(note)
-            kwargs["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            try:
-                return self._call(torch, slot, pipe, kwargs)
-            except TaskCancelled:
-                raise
-            except Exception as exc:
-                self._free(torch, device)
-                raise self._failure(exc, work, n, retried=True) from exc
-        finally:
-            lock.release()
-
-    def _call(
-        self, torch: Any, slot: LoadedModel, pipe: Any, kwargs: dict[str, Any]
-    ) -> list[Image.Image]:
-        args = dict(kwargs)
-        calls = args.pop("_calls", {"done": 0, "of": 1})
-        if calls["of"] == 1:
-            return self._call_once(torch, slot, pipe, args)
-        images: list[Image.Image] = []
-        for i, generator in enumerate(args.pop("generator")):
-            calls["done"] = i
-            one = {**args, "generator": [generator], "num_images_per_prompt": 1}
-            images.extend(self._call_once(torch, slot, pipe, one))
-        calls["done"] = 0
-        return images
-
-    def _call_once(
-        self, torch: Any, slot: LoadedModel, pipe: Any, kwargs: dict[str, Any]
-    ) -> list[Image.Image]:
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        context: Callable[[], Any] = contextlib.nullcontext
-        if self.options.cache != "none" and denoiser is not None:
-            # A cancelled call leaves the cache's per-step state behind; start each call clean.
-            denoiser._reset_stateful_cache()
-            if slot.family.cache_context:
-                # Kontext and Fill do not open a cache context themselves; one "cond" pass a step.
-                context = lambda: denoiser.cache_context("cond")  # noqa: E731
-        with torch.inference_mode(), context():
-            # SD pipelines get the prompt and image encoded once here, not once per variant.
-            result = pipe(**share_batch_work(torch, pipe, kwargs))
-        return list(result.images)
-
-    def _failure(
-        self, exc: Exception, work: tuple[int, int], n: int, *, retried: bool = False
-    ) -> EngineFailed:
-        if _is_oom(exc):
-            again = " even with memory saving on" if retried else ""
-            return EngineFailed(
-                f"out of memory on {self._device} editing at {work[0]}x{work[1]} with {n} "
-                f"variants{again}; try a smaller image, fewer concurrent jobs, "
-                "OPENEDITS_DIFFUSERS_MEMORY_SAVING=on, OPENEDITS_DIFFUSERS_OFFLOAD=model or "
-                "OPENEDITS_DIFFUSERS_QUANTIZATION"
-            )
-        log.exception("diffusers pipeline failed")
-        return EngineFailed(
-            f"the diffusion pipeline failed: {type(exc).__name__}: {describe_value(str(exc), 300)}"
+        return run_pipeline(
+            torch,
+            slot,
+            pipe,
+            kwargs,
+            device=self._device,
+            cache_on=self.options.cache != "none",
+            may_save_memory=self.memory_saving != "off",
+            should_cancel=should_cancel,
+            work=work,
+            n=n,
         )
-
-    @staticmethod
-    def _free(torch: Any, device: str) -> None:
-        """Give the device back what a failed job held (its activations are garbage now)."""
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        elif device == "mps":
-            torch.mps.empty_cache()
 
     def _finish(
         self, original: Image.Image, mask: Image.Image | None, edited: list[Image.Image]
