@@ -89,7 +89,7 @@ def test_loras_parse_with_their_step_preset() -> None:
     assert parse_loras("") == ()
     with pytest.raises(ValueError, match="unknown"):
         parse_loras("some/lora?strength=2")
-    with pytest.raises(EngineUnavailable, match="steps must be a whole number"):
+    with pytest.raises(EngineUnavailable, match="steps a whole number"):
         DiffusersEngine("m", loras="some/lora?steps=four")
 
 
