@@ -170,6 +170,8 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device   {name}; torch {torch.__version__}, diffusers {diffusers.__version__}")
     engine = engine_for(diffusers, pipe, config["family"], device, steps)
+    if args.tiny:
+        engine.work_size = "input"  # the tiny model at the family's 1 MP would take minutes
     preset = engine._main.family_presets["fast"] if engine._main else None
     print(f"edit     4 variants, {size}x{size} input, {preset and preset.steps} steps, "
           f"work {engine.work_size_for((size, size))}")
