@@ -277,7 +277,7 @@ def test_pipeline_error_fails_the_task_and_engine_recovers(
 
     with monkeypatch.context() as m:
         m.setattr(pipe_cls, "__call__", oom)
-        with pytest.raises(EngineFailed, match="out of memory on cpu.*even with memory saving"):
+        with pytest.raises(EngineFailed, match=r"out of memory on cpu.*even with memory saving"):
             engine.edit(image, mask, PROMPT, n=4, seed=0, preset="turbo")
     assert len(calls) == 2  # tried, then retried once with memory saving on
     assert engine.info().extra["memory_saving"] == "on"
