@@ -51,8 +51,18 @@ class Settings(BaseSettings):
     # --- engines
     engine: Literal["auto", "opencv", "diffusers", "upstream"] = "auto"
     diffusers_model: str | None = None
+    # A second checkpoint for masked requests (e.g. FLUX.1 Fill); both stay loaded.
+    diffusers_mask_model: str | None = None
     # Attention slicing and VAE tiling: "auto" turns them on when device memory is short.
     diffusers_memory_saving: Literal["auto", "on", "off"] = "auto"
+    # Memory and speed, one setting each; refused at load where the device or family cannot.
+    diffusers_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    diffusers_offload: Literal["none", "model", "sequential", "group"] = "none"
+    diffusers_quantization: Literal["none", "fp8", "int8", "nf4"] = "none"
+    diffusers_compile: bool = False
+    diffusers_cache: Literal["none", "first-block", "taylorseer"] = "none"
+    # Comma-separated SOURCE[?weight_name=FILE&scale=1.0&steps=8]; see docs/diffusers.md.
+    diffusers_loras: str = ""
     device: str = "auto"
     upstream_url: str | None = None
     upstream_token: str | None = None
@@ -121,6 +131,11 @@ class Settings(BaseSettings):
         if self.engine == "upstream" and not self.upstream_url:
             raise ValueError(
                 "OPENEDITS_ENGINE=upstream needs OPENEDITS_UPSTREAM_URL (the server to forward to)"
+            )
+        if self.diffusers_mask_model and not self.diffusers_model:
+            raise ValueError(
+                "OPENEDITS_DIFFUSERS_MASK_MODEL takes only masked requests; set "
+                "OPENEDITS_DIFFUSERS_MODEL too (the model for requests without a mask)"
             )
         if self.engine == "diffusers" and not self.diffusers_model:
             raise ValueError(

@@ -40,6 +40,8 @@ class EngineContract:
 
     image_size: ClassVar[tuple[int, int]] = (96, 64)
     preset: ClassVar[str] = "turbo"
+    with_mask: ClassVar[bool] = True
+    """False runs the same checks on unmasked edits (the whole image is the region)."""
 
     def make_engine(self) -> Engine:
         raise NotImplementedError
@@ -55,8 +57,8 @@ class EngineContract:
         return make_test_image(self.image_size)
 
     @pytest.fixture
-    def mask(self) -> Image.Image:
-        return make_test_mask(self.image_size)
+    def mask(self) -> Image.Image | None:
+        return make_test_mask(self.image_size) if self.with_mask else None
 
     def _edit(self, engine: Engine, image: Image.Image, mask: Image.Image | None,
               **kwargs: Any) -> list[Image.Image]:
@@ -70,7 +72,7 @@ class EngineContract:
         assert engine.info().name == engine.name
 
     def test_four_variants_of_input_size(self, engine: Engine, image: Image.Image,
-                                         mask: Image.Image) -> None:
+                                         mask: Image.Image | None) -> None:
         variants = self._edit(engine, image, mask)
         assert len(variants) == 4
         for v in variants:
@@ -78,15 +80,18 @@ class EngineContract:
             assert v.mode == "RGB"
 
     def test_pixels_outside_mask_are_the_input(self, engine: Engine, image: Image.Image,
-                                               mask: Image.Image) -> None:
+                                               mask: Image.Image | None) -> None:
+        if mask is None:
+            pytest.skip("no mask: every pixel may change")
         keep = np.asarray(mask) == 0
         original = np.asarray(image)
         for v in self._edit(engine, image, mask):
             assert np.array_equal(np.asarray(v)[keep], original[keep])
 
     def test_variants_differ_inside_mask(self, engine: Engine, image: Image.Image,
-                                         mask: Image.Image) -> None:
-        inside = np.asarray(mask) == 255
+                                         mask: Image.Image | None) -> None:
+        region = np.full(image.size[::-1], 255, np.uint8) if mask is None else np.asarray(mask)
+        inside = region == 255
         arrays = [np.asarray(v)[inside] for v in self._edit(engine, image, mask)]
         for i in range(4):
             for j in range(i + 1, 4):
@@ -95,7 +100,7 @@ class EngineContract:
         assert any(not np.array_equal(a, np.asarray(image)[inside]) for a in arrays)
 
     def test_same_seed_reproduces(self, engine: Engine, image: Image.Image,
-                                  mask: Image.Image) -> None:
+                                  mask: Image.Image | None) -> None:
         first = self._edit(engine, image, mask, seed=7)
         second = self._edit(engine, image, mask, seed=7)
         for a, b in zip(first, second, strict=True):
@@ -113,7 +118,7 @@ class EngineContract:
             engine.validate(image, None, "a red apple")
 
     def test_progress_rises_to_done(self, engine: Engine, image: Image.Image,
-                                    mask: Image.Image) -> None:
+                                    mask: Image.Image | None) -> None:
         seen: list[float] = []
         self._edit(engine, image, mask, on_progress=seen.append)
         assert seen, "no progress reported"
@@ -122,7 +127,7 @@ class EngineContract:
         assert seen[-1] == pytest.approx(1.0)
 
     def test_cancel_stops_at_a_step(self, engine: Engine, image: Image.Image,
-                                    mask: Image.Image) -> None:
+                                    mask: Image.Image | None) -> None:
         steps: list[float] = []
         with pytest.raises(TaskCancelled):
             self._edit(engine, image, mask, on_progress=steps.append,

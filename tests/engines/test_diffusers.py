@@ -264,17 +264,23 @@ def test_concurrent_first_requests_load_once(
 def test_pipeline_error_fails_the_task_and_engine_recovers(
     tiny_sd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = warm_engine(tiny_sd)
+    # Its own engine: the out-of-memory retry turns memory saving on for good.
+    engine = DiffusersEngine(tiny_sd, "cpu", steps=STEPS)
+    engine.load()
     image, mask = make_test_image((64, 64)), make_test_mask((64, 64))
     pipe_cls = type(engine._inpaint)
+    calls: list[int] = []
 
     def oom(self: Any, **kwargs: Any) -> Any:
+        calls.append(1)
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with monkeypatch.context() as m:
         m.setattr(pipe_cls, "__call__", oom)
-        with pytest.raises(EngineFailed, match="out of memory on cpu"):
+        with pytest.raises(EngineFailed, match=r"out of memory on cpu.*even with memory saving"):
             engine.edit(image, mask, PROMPT, n=4, seed=0, preset="turbo")
+    assert len(calls) == 2  # tried, then retried once with memory saving on
+    assert engine.info().extra["memory_saving"] == "on"
     assert len(engine.edit(image, mask, PROMPT, n=1, seed=0, preset="turbo")) == 1
 
 
@@ -385,7 +391,7 @@ def test_each_seed_alone_on_inpainting_and_instruct_checkpoints(
 def test_shared_work_gives_what_the_pipeline_gives_alone(
     tiny_sd: Path, monkeypatch: pytest.MonkeyPatch, with_mask: bool
 ) -> None:
-    from openedits.engines import diffusers as module
+    from openedits.engines import _diffusers_run as module
 
     engine = warm_engine(tiny_sd)
     image = make_test_image((64, 64))

@@ -1,23 +1,48 @@
-"""The diffusers engine: text-guided inpainting, image-to-image and instruction edits on GPU or CPU.
+"""The diffusers engine: instruction edits and inpainting with today's open models, on GPU or CPU.
 
-torch and diffusers are imported inside methods, never at module import, so this module imports
-(and `validate()` works) without the `openedits[diffusers]` extra; only `load()`/`edit()` need it.
+Families (detected from the checkpoint's model_index.json, see `_diffusers_families`):
+Qwen-Image-Edit and its 2509/2511 revisions, FLUX.2 klein, FLUX.1 Kontext, FLUX.1 Fill, and the
+Stable Diffusion family (1.5/2/XL, inpainting, InstructPix2Pix). An optional second checkpoint
+takes the masked requests. torch and diffusers are imported inside methods, never at module
+import, so this module imports (and `validate()` works) without the `openedits[diffusers]` extra.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
-from openedits.engines._diffusers_batch import feathered_alpha, paste_back, share_batch_work
+from openedits.engines._diffusers_batch import feathered_alpha, paste_back
+from openedits.engines._diffusers_families import FamilyPreset, family_for
+from openedits.engines._diffusers_options import (
+    Dtype,
+    Lora,
+    Offload,
+    Quantization,
+    SpeedOptions,
+    StepCache,
+    parse_loras,
+)
+from openedits.engines._diffusers_pipes import (
+    PER_VARIANT,
+    LoadedModel,
+    PresetParams,
+    apply_lora_presets,
+    apply_memory_saving,
+    call_args,
+    load_model,
+    round_to,
+)
+from openedits.engines._diffusers_run import free_device, is_oom, run_pipeline
 from openedits.engines.base import (
     Capabilities,
     EngineInfo,
@@ -28,7 +53,6 @@ from openedits.engines.base import (
     no_progress,
 )
 from openedits.errors import (
-    EngineFailed,
     EngineUnavailable,
     InvalidInput,
     TaskCancelled,
@@ -46,44 +70,14 @@ INSTALL_HINT = "pip install 'openedits[diffusers]'"
 MemorySaving = Literal["auto", "on", "off"]
 WorkSize = Literal["native", "input"]
 
-
-@dataclass(frozen=True)
-class PresetParams:
-    """What a `mode` means to a diffusion pipeline."""
-
-    steps: int
-    """Denoising steps actually run (num_inference_steps is raised to make up for strength)."""
-    guidance_scale: float
-    """How strongly the prompt steers (classifier-free guidance)."""
-    strength: float
-    """Image-to-image only: 0 returns the input, 1 ignores it."""
-    inpaint_strength: float = 1.0
-    """Inpainting: 1.0 repaints the masked region from noise."""
-    image_guidance_scale: float = 1.5
-    """InstructPix2Pix only: how closely to stay with the input image."""
-
-
 # Tuned for Stable Diffusion 1.5/2 and SDXL with DPM-Solver++ (the scheduler this engine switches
 # compatible checkpoints to): ~12 steps is usable, 25 is good, 40+ brings little but detail.
+# The transformer families have their own, in _diffusers_families.
 PRESETS: dict[str, PresetParams] = {
     "turbo": PresetParams(steps=12, guidance_scale=6.0, strength=0.6),
     "fast": PresetParams(steps=25, guidance_scale=7.0, strength=0.7),
     "relax": PresetParams(steps=40, guidance_scale=7.5, strength=0.75),
 }
-
-# One job at a time per device, across every engine instance in the process: two pipelines on one
-# GPU would just contend for memory, and pipelines that share components (inpaint and img2img
-# built with from_pipe share one scheduler object) are not safe to call concurrently.
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_DEVICE_LOCKS_GUARD = threading.Lock()
-_LOCK_POLL_SECONDS = 0.2
-_GiB = 1024**3
-
-
-def _device_lock(device: str) -> threading.Lock:
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(device, threading.Lock())
-
 
 def _import_torch() -> Any:
     try:
@@ -103,29 +97,14 @@ def _import_diffusers() -> Any:
     return diffusers
 
 
-def _dtype_kwarg(diffusers: Any) -> str:
-    # Newer diffusers renamed from_pretrained's `torch_dtype` to `dtype` and warn on the old name;
-    # older ones (the extra allows >=0.30) only know `torch_dtype`.
-    utils = getattr(diffusers, "utils", None)
-    deprecation = getattr(utils, "deprecation_utils", None)
-    return "dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype"
-
-
-def _round_to(value: int, multiple: int) -> int:
-    return max(multiple, round(value / multiple) * multiple)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    # torch.cuda.OutOfMemoryError is a RuntimeError; MPS and CPU allocators only say it in words.
-    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
-
-
 class DiffusersEngine:
-    """Edits with a Stable-Diffusion-family checkpoint through Hugging Face diffusers.
+    """Edits with a diffusers checkpoint: instruction edits, inpainting, image-to-image.
 
-    With a mask: the inpainting pipeline. Without one: image-to-image (or, for an inpainting
-    checkpoint, inpainting over the whole image). An InstructPix2Pix checkpoint edits the whole
-    image from the instruction, and a mask then limits where the edit lands.
+    Without a mask: the family's edit pipeline (SD: image-to-image, or inpainting over the whole
+    image for an inpainting checkpoint). With one: the family's inpainting pipeline, derived from
+    the loaded one so the weights are held once, or the mask model when one is configured; a
+    family without an inpainting pipeline edits and is pasted back inside the mask. Pixels the
+    mask keeps are always the input's, bit for bit.
     """
 
     name = "diffusers"
@@ -136,6 +115,7 @@ class DiffusersEngine:
         model: str | os.PathLike[str] | None,
         device: str = "auto",
         *,
+        mask_model: str | os.PathLike[str] | None = None,
         steps: int | None = None,
         presets: Mapping[str, PresetParams] | None = None,
         work_size: WorkSize = "native",
@@ -145,24 +125,34 @@ class DiffusersEngine:
         feather: int = 4,
         local_files_only: bool | None = None,
         warmup: bool = False,
+        dtype: Dtype = "auto",
+        offload: Offload = "none",
+        quantization: Quantization = "none",
+        compile: bool = False,
+        cache: StepCache = "none",
+        loras: str | tuple[Lora, ...] = (),
     ) -> None:
         """Configure the engine; nothing is imported or loaded until `load()` or `edit()`.
 
-        `steps` overrides every preset's step count (tests run 2). `work_size="native"` runs the
-        pipeline near the checkpoint's training resolution (what SD needs for sensible output),
-        `"input"` at the input's own size; either way rounded to the model's multiple and resized
-        back. `memory_saving="auto"` turns on attention slicing and VAE tiling on MPS, and on CUDA
-        when less than `low_memory_gib` is free after loading. `scheduler="dpm"` swaps compatible
-        checkpoints to DPM-Solver++, which the presets' step counts assume. `local_files_only`
-        defaults to the hub's own offline switch (HF_HUB_OFFLINE). `warmup` runs one 1-step edit
-        at load, so kernel selection and lazy imports are paid at start, not by the first request.
+        `mask_model`, when given, takes every masked request (e.g. FLUX.1 Fill) while `model`
+        takes the rest; both load and stay warm. `steps` overrides every preset's step count
+        (tests run 2). `work_size="native"` runs near the family's native area (what the models
+        need for sensible output), `"input"` at the input's own size; either way rounded to the
+        model's multiple and resized back. `memory_saving="auto"` turns on attention slicing and
+        VAE tiling on MPS, and on CUDA when less than `low_memory_gib` is free after loading.
+        `scheduler="dpm"` swaps SD-family checkpoints to DPM-Solver++ (transformer families
+        keep their flow-matching scheduler). `local_files_only` defaults to HF_HUB_OFFLINE.
+        `warmup` runs one 1-step edit at load. `dtype`, `offload`, `quantization`, `compile`,
+        `cache` and `loras` are the memory and speed settings (see _diffusers_options).
         """
         self.model = None if model is None else os.fspath(model)
+        self.mask_model = None if mask_model is None else os.fspath(mask_model)
         self.requested_device = device
         self.presets: dict[str, PresetParams] = dict(presets or PRESETS)
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        self.steps = steps
         if steps is not None:
-            if steps < 1:
-                raise ValueError(f"steps must be at least 1, got {steps}")
             self.presets = {k: replace(p, steps=steps) for k, p in self.presets.items()}
         self.work_size = work_size
         self.memory_saving = memory_saving
@@ -171,24 +161,39 @@ class DiffusersEngine:
         self.feather = max(0, feather)
         self.local_files_only = local_files_only
         self.warmup = warmup
+        try:
+            parsed = parse_loras(loras) if isinstance(loras, str) else tuple(loras)
+        except ValueError as exc:  # a malformed entry fails at start, quoting it
+            raise EngineUnavailable(str(exc)) from None
+        self.options = SpeedOptions(
+            dtype=dtype,
+            offload=offload,
+            quantization=quantization,
+            compile=compile,
+            cache=cache,
+            loras=parsed,
+        )
         self._load_lock = threading.Lock()
         self._device: str | None = None
-        self._dtype = "float32"
-        self._kind = ""  # "instruct", "inpaint" (9-channel UNet) or "text2img" (4-channel)
-        self._inpaint: Any = None
-        self._img2img: Any = None
-        self._instruct: Any = None
-        self._multiple = 8
-        self._native = 512
-        self._memory_saving_on = False
+        self._main: LoadedModel | None = None
+        self._masked: LoadedModel | None = None
+        # Known before loading for a local folder, so submits without a mask are refused at once.
+        self.capabilities = replace(type(self).capabilities, needs_mask=self._needs_mask())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DiffusersEngine:
-        """Build from OPENEDITS_DIFFUSERS_MODEL and OPENEDITS_DEVICE (unloaded)."""
+        """Build from the OPENEDITS_DIFFUSERS_* settings and OPENEDITS_DEVICE (unloaded)."""
         return cls(
             settings.diffusers_model,
             settings.device,
+            mask_model=settings.diffusers_mask_model,
             memory_saving=settings.diffusers_memory_saving,
+            dtype=settings.diffusers_dtype,
+            offload=settings.diffusers_offload,
+            quantization=settings.diffusers_quantization,
+            compile=settings.diffusers_compile,
+            cache=settings.diffusers_cache,
+            loras=settings.diffusers_loras,
             warmup=True,
         )
 
@@ -198,6 +203,20 @@ class DiffusersEngine:
     def loaded(self) -> bool:
         """Whether the weights are in memory."""
         return self._device is not None
+
+    # The SD pipelines of the main checkpoint, by the names the engine has always used.
+    @property
+    def _inpaint(self) -> Any:
+        return None if self._main is None else self._main.inpaint
+
+    @property
+    def _img2img(self) -> Any:
+        return None if self._main is None else self._main.img2img
+
+    @property
+    def _instruct(self) -> Any:
+        main = self._main
+        return main.main if main is not None and main.kind == "instruct" else None
 
     def load(self, device: str = "auto") -> None:
         """Load the pipelines once onto `device` ("auto": the configured one); cheap after that."""
@@ -240,143 +259,123 @@ class DiffusersEngine:
         check = getattr(constants, "is_offline_mode", None)
         return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
 
-    def _check_model(self) -> str:
-        if not self.model:
+    @staticmethod
+    def _check_model(model: str | None, setting: str = "OPENEDITS_DIFFUSERS_MODEL") -> str:
+        if not model:
             raise EngineUnavailable(
-                "no diffusion model configured: set OPENEDITS_DIFFUSERS_MODEL to a local diffusers "
+                f"no diffusion model configured: set {setting} to a local diffusers "
                 "folder or a hub id (see docs/diffusers.md)"
             )
-        path = Path(self.model).expanduser()
-        looks_local = path.is_absolute() or self.model.startswith((".", "~")) or path.exists()
+        path = Path(model).expanduser()
+        looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists()
         if looks_local:
             if not (path / "model_index.json").is_file():
                 raise EngineUnavailable(
-                    f"diffusers model folder {self.model!r} not found or has no model_index.json; "
-                    "point OPENEDITS_DIFFUSERS_MODEL at a folder written by save_pretrained"
+                    f"diffusers model folder {model!r} not found or has no model_index.json; "
+                    f"point {setting} at a folder written by save_pretrained"
                 )
             return str(path)
-        return self.model
+        return model
 
     def _load(self, torch: Any, device: str) -> None:
-        model = self._check_model()
+        model = self._check_model(self.model)
+        mask_model = None
+        if self.mask_model:
+            mask_model = self._check_model(self.mask_model, "OPENEDITS_DIFFUSERS_MASK_MODEL")
         diffusers = _import_diffusers()
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        main = self._load_one(torch, diffusers, model, device)
+        masked = None
+        if mask_model is not None:
+            masked = self._load_one(torch, diffusers, mask_model, device)
+        self._main, self._masked = main, masked
+        if main.needs_mask and masked is None:
+            self.capabilities = replace(self.capabilities, needs_mask=True)
+        self._device = device
+        if self.warmup:
+            self._warm_up(torch)
+        for slot in (main, masked):
+            if slot is not None:
+                log.info(
+                    "diffusers engine loaded %s (%s, %s) on %s as %s; %s; memory saving %s",
+                    slot.model,
+                    slot.class_name,
+                    slot.kind,
+                    device,
+                    slot.dtype,
+                    ", ".join(slot.applied) or "no speed options",
+                    "on" if slot.memory_saving_on else "off",
+                )
+
+    def _load_one(self, torch: Any, diffusers: Any, model: str, device: str) -> LoadedModel:
         offline = self._offline()
         try:
-            config = diffusers.DiffusionPipeline.load_config(model, local_files_only=offline)
-            class_name = str(config.get("_class_name", ""))
-            kwargs: dict[str, Any] = {_dtype_kwarg(diffusers): dtype, "local_files_only": offline}
-            if "InstructPix2Pix" in class_name:
-                instruct = diffusers.DiffusionPipeline.from_pretrained(model, **kwargs)
-                pipes = [instruct]
-                inpaint = img2img = None
-            else:
-                instruct = None
-                inpaint = diffusers.AutoPipelineForInpainting.from_pretrained(model, **kwargs)
-                self._use_scheduler(diffusers, inpaint)  # before from_pipe, so both share it
-                pipes = [inpaint]
-                img2img = None
-                # A 4-channel UNet also does image-to-image; share its weights, never load twice.
-                # An inpainting UNet (9 channels) cannot, so it inpaints over a full mask instead.
-                if inpaint.unet.config.in_channels == 4:
-                    img2img = diffusers.AutoPipelineForImage2Image.from_pipe(inpaint)
-                    pipes.append(img2img)
-            main = pipes[0]
-            if instruct is not None:
-                self._use_scheduler(diffusers, instruct)
-            main.to(device)
+            loaded = load_model(
+                torch,
+                diffusers,
+                model,
+                device,
+                self.options,
+                offline=offline,
+                scheduler=self.scheduler,
+            )
         except EngineUnavailable:
             raise
         except Exception as exc:
             hint = ""
             if offline and not Path(model).exists():
                 hint = " (the hub is offline: HF_HUB_OFFLINE=1; download the model first)"
-            if _is_oom(exc):
-                hint = f" (out of memory on {device}; free memory or use a smaller model)"
+            if is_oom(exc):
+                hint = (
+                    f" (out of memory on {device}; try OPENEDITS_DIFFUSERS_QUANTIZATION, "
+                    "OPENEDITS_DIFFUSERS_OFFLOAD=model, or a smaller model)"
+                )
+            free_device(torch, device)
             raise EngineUnavailable(
                 f"could not load diffusers model {model!r} on {device}{hint}: "
                 f"{type(exc).__name__}: {describe_value(str(exc), 300)} "
                 f"(the engine's extra: {INSTALL_HINT})"
             ) from exc
-        for pipe in pipes:
-            pipe.set_progress_bar_config(disable=True)
-        self._instruct, self._inpaint, self._img2img = instruct, inpaint, img2img
-        if instruct is not None:
-            self._kind = "instruct"
-        elif img2img is not None:
-            self._kind = "text2img"
-        else:
-            self._kind = "inpaint"
-        vae_factor = int(getattr(main, "vae_scale_factor", 8))
-        self._multiple = max(8, vae_factor)
-        sample_size = getattr(main.unet.config, "sample_size", 64)
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = min(sample_size)
-        self._native = _round_to(int(sample_size) * vae_factor, self._multiple)
-        self._dtype = str(dtype).removeprefix("torch.")
-        self._memory_saving_on = self._apply_memory_saving(torch, main, device)
-        self._device = device
-        if self.warmup:
-            self._warm_up(torch)
-        log.info(
-            "diffusers engine loaded %s (%s, %s) on %s as %s; memory saving %s",
-            model,
-            class_name,
-            self._kind,
-            device,
-            self._dtype,
-            "on" if self._memory_saving_on else "off",
+        if not loaded.family.sd:
+            presets = dict(loaded.family_presets)
+            if self.steps is not None:
+                presets = {k: replace(p, steps=self.steps) for k, p in presets.items()}
+            apply_lora_presets(presets, self.options)
+            loaded.family_presets = presets
+        loaded.memory_saving_on = apply_memory_saving(
+            torch, loaded, device, self.memory_saving, self.low_memory_gib
         )
+        return loaded
 
     def _warm_up(self, torch: Any) -> None:
-        side = self._native
-        params = PresetParams(steps=1, guidance_scale=2.0, strength=1.0)
-        gray = Image.new("RGB", (side, side), (128, 128, 128))
-        pipe, kwargs = self._call_args(gray, None, "warm-up", 1, params, (side, side))
-        kwargs["generator"] = [torch.Generator("cpu").manual_seed(0)]
-        self._run(torch, pipe, kwargs, never_cancel, (side, side), 1)
-
-    def _use_scheduler(self, diffusers: Any, pipe: Any) -> None:
-        # DPM-Solver++ gives SD-family checkpoints good results in 20-25 steps, which the presets
-        # assume; checkpoints on other schedulers (flow matching, LCM, turbo) keep their own.
-        if self.scheduler != "dpm":
-            return
-        compatible = {c.__name__ for c in getattr(pipe.scheduler, "compatibles", [])}
-        if "DPMSolverMultistepScheduler" in compatible:
-            pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
-                pipe.scheduler.config, algorithm_type="dpmsolver++"
-            )
-
-    def _apply_memory_saving(self, torch: Any, pipe: Any, device: str) -> bool:
-        if self.memory_saving == "off":
-            return False
-        on = self.memory_saving == "on" or device == "mps"
-        if not on and device.startswith("cuda"):
-            free, _total = torch.cuda.mem_get_info(torch.device(device))
-            on = free < self.low_memory_gib * _GiB
-        if on:
-            # Slicing trades a little speed for a much lower attention peak; tiling bounds the VAE's
-            # peak at large sizes. Both are no-ops for the result's content (up to float noise).
-            pipe.enable_attention_slicing()
-            if hasattr(pipe.vae, "enable_tiling"):
-                pipe.vae.enable_tiling()
-        return on
+        for slot in (self._main, self._masked):
+            if slot is None:
+                continue
+            side = slot.native
+            gray = Image.new("RGB", (side, side), (128, 128, 128))
+            mask = Image.new("L", (side, side), 255) if slot.needs_mask else None
+            preset: PresetParams | FamilyPreset = PresetParams(1, 2.0, 1.0)
+            if not slot.family.sd:
+                preset = replace(slot.family_presets["turbo"], steps=1)
+            pipe, kwargs, _ = call_args(slot, gray, mask, "warm-up", 1, preset, (side, side))
+            kwargs["generator"] = [torch.Generator("cpu").manual_seed(0)]
+            self._run(torch, slot, pipe, kwargs, never_cancel, (side, side), 1)
 
     def _move(self, device: str) -> None:
-        for pipe in (self._instruct, self._inpaint):
-            if pipe is not None:
-                pipe.to(device)
+        for slot in (self._main, self._masked):
+            if slot is not None:
+                slot.main.to(device)
         self._device = device
 
     def info(self) -> EngineInfo:
         """Name, device, model and whether the weights are loaded (for /healthz)."""
         extra: dict[str, str] = {}
-        if self.loaded:
-            extra = {
-                "dtype": self._dtype,
-                "pipeline": self._kind,
-                "memory_saving": "on" if self._memory_saving_on else "off",
-            }
+        if self.mask_model:
+            extra["mask_model"] = self.mask_model
+        main, masked = self._main, self._masked
+        if main is not None:
+            extra.update(self._describe(main, ""))
+        if masked is not None:
+            extra.update(self._describe(masked, "mask_"))
         return EngineInfo(
             name=self.name,
             device=self._device or self.requested_device,
@@ -385,7 +384,33 @@ class DiffusersEngine:
             extra=extra,
         )
 
+    @staticmethod
+    def _describe(slot: LoadedModel, prefix: str) -> dict[str, str]:
+        described = {
+            f"{prefix}dtype": slot.dtype,
+            f"{prefix}pipeline": slot.kind,
+            f"{prefix}memory_saving": "on" if slot.memory_saving_on else "off",
+        }
+        if not slot.family.sd:
+            described[f"{prefix}family"] = slot.family.title
+        if slot.applied:
+            described[f"{prefix}speed"] = ", ".join(slot.applied)
+        return described
+
     # ------------------------------------------------------------------ editing
+
+    def _needs_mask(self) -> bool:
+        """Whether unmasked requests must be refused, known without loading where possible."""
+        if self._main is not None:
+            return self._main.needs_mask
+        if self.model is None or self.mask_model:
+            return False
+        index = Path(self.model).expanduser() / "model_index.json"
+        try:
+            config = json.loads(index.read_text())
+        except (OSError, ValueError):
+            return False  # a hub id, or unreadable: load() will say
+        return family_for(config).needs_mask if isinstance(config, dict) else False
 
     def validate(self, image: Image.Image, mask: Image.Image | None, prompt: str) -> None:
         """Refuse what cannot be edited, without importing torch or loading weights."""
@@ -399,6 +424,11 @@ class DiffusersEngine:
                 "the diffusers engine edits toward the prompt"
             )
         if mask is None:
+            if self._needs_mask():
+                raise InvalidInput(
+                    f"mask is required: the model {self.model!r} repaints only what a mask "
+                    "marks (FLUX.1 Fill); send a mask (white = repaint)"
+                )
             return
         if not isinstance(mask, Image.Image):
             raise InvalidInput(f"mask must be a PIL image, got {type(mask).__name__}")
@@ -417,16 +447,25 @@ class DiffusersEngine:
                 "or send no mask to edit the whole image"
             )
 
-    def work_size_for(self, size: tuple[int, int]) -> tuple[int, int]:
+    def _slot_for(self, masked: bool) -> LoadedModel:
+        slot = self._masked if masked and self._masked is not None else self._main
+        assert slot is not None
+        return slot
+
+    def work_size_for(self, size: tuple[int, int], masked: bool = False) -> tuple[int, int]:
         """The (width, height) the pipeline runs at for an input of `size` (after `load`)."""
+        slot = self._slot_for(masked)
         width, height = size
         scale = 1.0
         if self.work_size == "native":
-            # Same area as the checkpoint's training square, same aspect ratio as the input.
-            scale = self._native / math.sqrt(width * height)
+            # Same area as the family's native square, same aspect ratio as the input.
+            scale = slot.native / math.sqrt(width * height)
+        floor = slot.family.min_side
+        if floor and min(width, height) * scale < floor:
+            scale = floor / min(width, height)  # up to the smallest the pipeline accepts
         return (
-            _round_to(int(width * scale), self._multiple),
-            _round_to(int(height * scale), self._multiple),
+            round_to(int(width * scale), slot.multiple),
+            round_to(int(height * scale), slot.multiple),
         )
 
     def edit(
@@ -451,85 +490,44 @@ class DiffusersEngine:
             raise TaskCancelled("cancelled before the edit started")
         self.load()
         torch = _import_torch()
-        assert self._device is not None
         original = image.convert("RGB")
         binary = None if mask is None else mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
         if binary is not None and binary.getextrema()[1] == 0:
             raise InvalidInput("mask selects nothing once thresholded at 128 (white = repaint)")
-        params = self.presets[preset]
-        work = self.work_size_for(original.size)
-        pipe, kwargs = self._call_args(original, binary, prompt, n, params, work)
+        slot = self._slot_for(binary is not None)
+        params: PresetParams | FamilyPreset = (
+            self.presets[preset] if slot.family.sd else slot.family_presets[preset]
+        )
+        work = self.work_size_for(original.size, binary is not None)
+        pipe, kwargs, _paste = call_args(slot, original, binary, prompt, n, params, work)
         # CPU generators: the same seed gives the same noise on every device, and one generator
         # per variant makes variant i reproduce alone with seed + i.
         kwargs["generator"] = [
             torch.Generator("cpu").manual_seed((seed + i) % 2**63) for i in range(n)
         ]
 
+        # Pipelines that run one variant per call report each call's steps as a share of all.
+        calls = {"done": 0, "of": n if type(pipe).__name__ in PER_VARIANT else 1}
+
         def on_step_end(p: Any, step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             total = max(1, int(getattr(p, "num_timesteps", 0) or params.steps))
-            on_progress(min(1.0, (step + 1) / total))
+            done = calls["done"] * total + step + 1
+            on_progress(min(1.0, done / (total * calls["of"])))
             if should_cancel():
-                raise TaskCancelled(f"cancelled after denoising step {step + 1} of {total}")
+                raise TaskCancelled(
+                    f"cancelled after denoising step {done} of {total * calls['of']}"
+                )
             return tensors
 
         kwargs["callback_on_step_end"] = on_step_end
-        edited = self._run(torch, pipe, kwargs, should_cancel, work, n)
+        kwargs["_calls"] = calls
+        edited = self._run(torch, slot, pipe, kwargs, should_cancel, work, n)
         return self._finish(original, binary, edited)
-
-    def _call_args(
-        self,
-        image: Image.Image,
-        mask: Image.Image | None,
-        prompt: str,
-        n: int,
-        params: PresetParams,
-        work: tuple[int, int],
-    ) -> tuple[Any, dict[str, Any]]:
-        # The image, mask and prompt go in n times (one per variant) rather than once with
-        # num_images_per_prompt=n: the inpainting pipeline encodes a single image with the first
-        # generator only, which would tie every variant's latents to variant 0's seed. For the
-        # pipelines it knows, `share_batch_work` then encodes them once for all variants.
-        small = image.resize(work, Image.Resampling.LANCZOS) if image.size != work else image
-        args: dict[str, Any] = {
-            "prompt": [prompt] * n,
-            "image": [small] * n,
-            "num_images_per_prompt": 1,
-            "guidance_scale": params.guidance_scale,
-            "output_type": "pil",
-        }
-        if self._instruct is not None:
-            args["num_inference_steps"] = params.steps
-            args["image_guidance_scale"] = params.image_guidance_scale
-            return self._instruct, args
-        width, height = work
-        args["width"], args["height"] = width, height
-        if mask is None and self._img2img is not None:
-            args["strength"] = params.strength
-            args["num_inference_steps"] = self._steps_for(params.steps, params.strength)
-            return self._img2img, args
-        if mask is None:  # an inpainting checkpoint without a mask: repaint everywhere, gently
-            small_mask = Image.new("L", work, 255)
-            strength = params.strength
-        else:
-            small_mask = mask.resize(work, Image.Resampling.NEAREST) if mask.size != work else mask
-            strength = params.inpaint_strength
-        args["mask_image"] = [small_mask] * n
-        args["strength"] = strength
-        args["num_inference_steps"] = self._steps_for(params.steps, strength)
-        return self._inpaint, args
-
-    @staticmethod
-    def _steps_for(steps: int, strength: float) -> int:
-        # img2img runs only int(num_inference_steps * strength) steps; ask for enough that the
-        # preset's count is what actually runs (and what progress counts).
-        total = max(steps, math.ceil(steps / max(strength, 1e-3)))
-        while int(total * strength) < steps:
-            total += 1
-        return total
 
     def _run(
         self,
         torch: Any,
+        slot: LoadedModel,
         pipe: Any,
         kwargs: dict[str, Any],
         should_cancel: ShouldCancel,
@@ -537,35 +535,18 @@ class DiffusersEngine:
         n: int,
     ) -> list[Image.Image]:
         assert self._device is not None
-        lock = _device_lock(self._device)
-        # Wait for the device in short slices so a task cancelled while queued behind another
-        # job on the same device stops without ever running.
-        while not lock.acquire(timeout=_LOCK_POLL_SECONDS):
-            if should_cancel():
-                raise TaskCancelled("cancelled while waiting for the device")
-        try:
-            with torch.inference_mode():
-                # The prompt and image are encoded once here, not once per variant.
-                result = pipe(**share_batch_work(torch, pipe, kwargs))
-        except TaskCancelled:
-            raise
-        except Exception as exc:
-            if _is_oom(exc):
-                if self._device.startswith("cuda"):
-                    torch.cuda.empty_cache()  # give the next job the memory back
-                raise EngineFailed(
-                    f"out of memory on {self._device} editing at {work[0]}x{work[1]} with {n} "
-                    "variants; try a smaller image, fewer concurrent jobs, or memory saving "
-                    "(attention slicing / VAE tiling) for this device"
-                ) from exc
-            log.exception("diffusers pipeline failed")
-            raise EngineFailed(
-                f"the diffusion pipeline failed: {type(exc).__name__}: "
-                f"{describe_value(str(exc), 300)}"
-            ) from exc
-        finally:
-            lock.release()
-        return list(result.images)
+        return run_pipeline(
+            torch,
+            slot,
+            pipe,
+            kwargs,
+            device=self._device,
+            cache_on=self.options.cache != "none",
+            may_save_memory=self.memory_saving != "off",
+            should_cancel=should_cancel,
+            work=work,
+            n=n,
+        )
 
     def _finish(
         self, original: Image.Image, mask: Image.Image | None, edited: list[Image.Image]
