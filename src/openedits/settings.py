@@ -87,6 +87,17 @@ class Settings(BaseSettings):
     # forwarded_allow_ips), so rate limits by address see clients, not the proxy.
     forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "INFO"
+    # "text" for people, "json" (one object a line) for log stores.
+    log_format: Literal["text", "json"] = "text"
+    # Seconds running tasks get to finish after SIGTERM/SIGINT before they go back to pending.
+    drain_seconds: float = Field(default=30.0, ge=0)
+
+    # --- operations
+    # When set, GET /metrics needs `authorization: Bearer <it>` (or an admin token) from
+    # anywhere; unset, it answers loopback clients and admin tokens only.
+    metrics_token: str | None = None
+    # Worker processes (which serve no API) export their metrics on this port when set.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("webhook_retry_delays")
     @classmethod
