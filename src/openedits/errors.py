@@ -20,6 +20,8 @@
     ├── EngineUnavailable               500 api_error     (a missing extra, unloadable weights)
     ├── EngineFailed                    500 api_error     (the engine broke while editing)
     ├── TaskCancelled                   409 cancelled     (in task records only)
+    ├── Unavailable                     503 unavailable   (carries retry_after)
+    │   └── ShuttingDown                503 unavailable   (the process is draining)
     └── SyncTimeout                     504 timeout
 
 Workers and engines raise these; only the API's one handler turns them into HTTP responses.
@@ -44,11 +46,13 @@ __all__ = [
     "PromptRefused",
     "QueueFull",
     "RateLimited",
+    "ShuttingDown",
     "SyncTimeout",
     "TaskCancelled",
     "TaskNotFound",
     "TokenInvalid",
     "TokenMismatched",
+    "Unavailable",
     "describe_value",
     "validation_message",
 ]
@@ -206,6 +210,25 @@ class TaskCancelled(OpenEditsError):
 
     status_code = 409
     code = "cancelled"
+
+
+class Unavailable(OpenEditsError):
+    """This process cannot serve the request now; another node, or this one later, can."""
+
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(
+        self, message: str, *, retry_after: int = 5, headers: dict[str, str] | None = None
+    ) -> None:
+        merged = {"Retry-After": str(max(1, int(retry_after)))}
+        merged.update(headers or {})
+        super().__init__(message, headers=merged)
+        self.retry_after = max(1, int(retry_after))
+
+
+class ShuttingDown(Unavailable):
+    """The process is draining for a stop: it starts no task and answers waiting callers."""
 
 
 class SyncTimeout(OpenEditsError):

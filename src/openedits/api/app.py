@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
 
 from openedits import __version__
 from openedits.api._errors import TraceMiddleware, install_error_handlers
-from openedits.api.routes import edits, files, health, hosted, tasks, web, webhooks
+from openedits.api._observe import ObserveMiddleware
+from openedits.api.routes import edits, files, health, hosted, ops, tasks, web, webhooks
 from openedits.auth import Authenticator
 from openedits.editing import EditService
 from openedits.engines.base import Engine
+from openedits.lifecycle import Lifecycle
+from openedits.metrics import Metrics
 from openedits.ratelimit import RateLimitMiddleware
 from openedits.runtime import Runtime
 from openedits.settings import Settings
@@ -41,19 +46,31 @@ def create_app(
     disp = dispatcher or InProcessDispatcher(rt)
     deliveries = DeliveryLoop.from_runtime(rt)
     rt.bus.subscribe(deliveries)  # a finished task wakes the loop: callbacks leave at once
-    service = EditService(rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens))
+    lifecycle = Lifecycle(settings.drain_seconds)
+    metrics = Metrics()
+    metrics.watch(rt)
+    warmup = _readiness(lifecycle, rt, runs_engine=isinstance(disp, InProcessDispatcher))
+    service = EditService(
+        rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens), lifecycle=lifecycle
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         info = rt.engine.info()
         log.info("openedits %s: engine %s on %s, store %s", __version__, info.name,
                  info.device, rt.db.dialect.name)
+        lifecycle.start()
         disp.start()
         deliveries.start()
+        if warmup is not None:
+            threading.Thread(target=warmup, name="openedits-engine-load", daemon=True).start()
         try:
             yield
         finally:
+            # Served without `openedits serve` (plain uvicorn), no signal began the drain:
+            # drain here, so running tasks go back to pending now rather than after their lease.
             # Joining threads blocks: off the event loop, so in-flight replies still go out.
+            await to_thread.run_sync(lifecycle.drain, disp)
             await to_thread.run_sync(disp.stop)
             await to_thread.run_sync(deliveries.stop)
             if runtime is None:
@@ -70,10 +87,48 @@ def create_app(
     app.state.service = service
     app.state.dispatcher = disp
     app.state.deliveries = deliveries
+    app.state.lifecycle = lifecycle
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(RateLimitMiddleware, settings=settings)
+    # Inside TraceMiddleware, so access lines carry the trace id and a crash counts as a 500.
+    app.add_middleware(ObserveMiddleware, metrics=metrics)
     app.add_middleware(TraceMiddleware)
-    for module in (edits, tasks, webhooks, hosted, files, health, web):
+    for module in (edits, tasks, webhooks, hosted, files, health, ops, web):
         app.include_router(module.router)
     app.mount("/web", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="web")
     return app
+
+
+def _readiness(
+    lifecycle: Lifecycle, rt: Runtime, *, runs_engine: bool
+) -> Callable[[], None] | None:
+    """Register what readiness needs: the store always; the engine where this process runs
+    it (a scale-out API node registers its broker instead). Returns what loads the engine's
+    weights at start (in a thread), so a node is ready before its first edit, not after."""
+
+    def store() -> str | None:
+        with rt.db.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return None
+
+    lifecycle.add_check("store", store)
+    if not runs_engine:
+        return None
+    failure: list[str] = []
+
+    def engine() -> str | None:
+        if failure:
+            return failure[0]
+        info = rt.engine.info()
+        return None if info.loaded else f"engine {info.name} is loading its weights"
+
+    def load() -> None:
+        try:
+            rt.engine.load(rt.settings.device)
+        except Exception as exc:
+            log.exception("loading the engine failed")
+            failure.append(f"engine {rt.engine.name} failed to load: {exc}")
+
+    lifecycle.add_check("engine", engine)
+    return None if rt.engine.info().loaded else load
