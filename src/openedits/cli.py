@@ -26,10 +26,10 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(settings: Settings) -> None:
     from openedits._logging import configure_logging
 
-    configure_logging(level)
+    configure_logging(settings.log_level, settings.log_format)
 
 
 @app.command()
@@ -37,11 +37,13 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
 ) -> None:
-    """Run the API server (with in-process workers unless a broker is configured)."""
-    import uvicorn
+    """Run the API server (with in-process workers unless a broker is configured).
 
+    SIGTERM or SIGINT drains it: readiness fails, running tasks get OPENEDITS_DRAIN_SECONDS to
+    finish, the rest go back to pending, waiting callers are answered, and it exits 0."""
     settings = _settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
+    from openedits.api._drain import run_server
     from openedits.api.app import create_app
 
     if not settings.bootstrap_tokens:
@@ -57,14 +59,17 @@ def serve(
                 err=True,
             )
 
-    uvicorn.run(
+    run_server(
         create_app(settings),
         host=host or settings.host,
         port=port or settings.port,
         log_level=settings.log_level.lower(),
+        # Logging is configured above (text or JSON), and uvicorn's lines go through it; the
+        # app writes its own access lines (with the duration and the trace id).
+        log_config=None,
+        access_log=False,
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
-        timeout_graceful_shutdown=10,
     )
 
 
