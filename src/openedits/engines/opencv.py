@@ -154,7 +154,8 @@ def _grain(filled: np.ndarray, seed: int) -> np.ndarray:
     """The fill with seeded grain: a further variant that differs from the plain fills."""
     rng = np.random.default_rng(seed)
     grain = rng.integers(-6, 7, size=filled.shape, dtype=np.int16)
-    return np.clip(filled.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+    grained: np.ndarray = np.clip(filled.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+    return grained
 
 
 def _distinct(fills: list[np.ndarray], region: np.ndarray, seed: int) -> list[Image.Image]:
