@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -243,16 +254,31 @@ class TaskStore:
 
     # --- workers
 
-    def claim_next(self, worker_id: str, lease_seconds: float) -> TaskRow | None:
-        """Take the most urgent pending task (turbo, fast, relax; oldest first) under a lease."""
+    def claim_next(
+        self, worker_id: str, lease_seconds: float, *, skip_owners: Collection[str] = ()
+    ) -> TaskRow | None:
+        """Take the next pending task under a lease, fairly between owners.
+
+        Order: priority (turbo, fast, relax); then the owner with the fewest tasks running
+        (so one token's burst cannot starve another token's next task); then the oldest.
+        Tasks of `skip_owners` (owners at a worker's per-owner cap) are left for later."""
+        running = (
+            select(tasks.c.owner, func.count().label("n"))
+            .where(tasks.c.state == TaskState.running.value)
+            .group_by(tasks.c.owner)
+            .subquery()
+        )
         for _ in range(20):
             query = (
                 select(tasks.c.id)
+                .select_from(tasks.outerjoin(running, running.c.owner == tasks.c.owner))
                 .where(tasks.c.state == TaskState.pending.value)
-                .order_by(tasks.c.priority, tasks.c.created_at)
+                .order_by(tasks.c.priority, func.coalesce(running.c.n, 0), tasks.c.created_at)
                 .limit(1)
-                .with_for_update(skip_locked=True)
+                .with_for_update(skip_locked=True, of=tasks)
             )
+            if skip_owners:
+                query = query.where(tasks.c.owner.not_in(list(skip_owners)))
             with self.engine.connect() as conn:
                 task_id = conn.execute(query).scalar_one_or_none()
             if task_id is None:
@@ -285,6 +311,23 @@ class TaskStore:
             lease_owner=worker_id,
         )
 
+    def release(self, task_id: str, worker_id: str) -> bool:
+        """Hand a claimed task back to pending (its worker is draining), as if it had never
+        been claimed: the attempt is not counted. Only the lease holder can release."""
+        return self._transition(
+            task_id,
+            from_states=[TaskState.running],
+            values={
+                "state": TaskState.pending.value,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "started_at": None,
+                "progress": 0,
+                "attempts": case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
+            },
+            lease_owner=worker_id,
+        )
+
     def set_progress(
         self, task_id: str, worker_id: str, progress: int, lease_seconds: float
     ) -> bool:
@@ -314,14 +357,18 @@ class TaskStore:
         *,
         error_status: int | None = None,
         worker_id: str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> bool:
         """End a task. A running task only by its lease holder (`worker_id`); without one,
         only a pending task (a cancel before it ran). A callback the task owes is queued in the
-        outbox, and its inputs deleted, in the same transaction."""
+        outbox, its inputs deleted, and `timings` (seconds per phase) kept, in the same
+        transaction."""
         if not state.is_terminal():
             raise ValueError(f"finish needs a terminal state, not {state.value}")
         now = self.clock()
         values = _ended(state, response, error_status, now)
+        if timings is not None:
+            values["timings"] = timings
         if state is TaskState.succeeded:
             values["progress"] = 100
         from_states = [TaskState.running] if worker_id else [TaskState.pending]
