@@ -195,3 +195,44 @@ def test_finish_keeps_the_timings_in_the_same_write(store: TaskStore) -> None:
     assert store.finish(row.id, TaskState.succeeded, {"success": True}, worker_id="w",
                         timings=timings)
     assert store.get(row.id).timings == timings
+
+
+def test_a_reserved_task_stays_pending_until_started(store: TaskStore, clock: FakeClock) -> None:
+    row = store.create(_new(1), {})
+    held = store.reserve_next("w1", 10)
+    assert held is not None and held.id == row.id
+    assert held.state is TaskState.pending and held.started_at is None and held.attempts == 1
+    assert store.claim_next("w2", 10) is None  # nobody else takes it while the lease lives
+    assert store.reserve_next("w2", 10) is None
+    assert store.heartbeat(row.id, "w1", 10)
+    assert store.start(row.id, "w2", 10) is None  # only its holder starts it
+    started = store.start(row.id, "w1", 10)
+    assert started == clock.now
+    assert store.get(row.id).state is TaskState.running
+    assert store.get(row.id).attempts == 1  # starting is not another attempt
+
+
+def test_a_cancel_ends_a_reserved_task_at_once(store: TaskStore) -> None:
+    row = store.create(_new(1), {})
+    store.reserve_next("w", 10)
+    assert store.cancels_requested([row.id]) == set()
+    assert store.finish(row.id, TaskState.cancelled, {"success": False})  # the pending path
+    assert store.cancels_requested([row.id, "gone"]) == {row.id, "gone"}
+    assert store.start(row.id, "w", 10) is None
+
+
+def test_a_dead_workers_reservation_lapses(store: TaskStore, clock: FakeClock) -> None:
+    row = store.create(_new(1), {})
+    store.reserve_next("w1", 10)
+    clock.now += 11
+    assert store.requeue_expired(3) == ([row.id], [])
+    assert store.get(row.id).lease_owner is None
+    assert not store.heartbeat(row.id, "w1", 10)
+    store.reserve_next("w2", 10)
+    clock.now += 11
+    assert store.requeue_expired(3) == ([row.id], [])
+    store.reserve_next("w3", 10)
+    clock.now += 11
+    assert store.requeue_expired(3) == ([], [row.id])
+    assert store.fail_expired(row.id, {"success": False}, 500)
+    assert store.get(row.id).state is TaskState.failed
