@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import sys
 
-import uvicorn
-
+from openedits.api._drain import run_server
 from openedits.api.app import create_app
 from openedits.settings import Settings
 from tests.fakes import FakeEngine
@@ -17,7 +16,8 @@ from tests.fakes import FakeEngine
 def main() -> None:
     port, step_seconds = int(sys.argv[1]), float(sys.argv[2])
     app = create_app(Settings(), engine=FakeEngine(steps=4, step_seconds=step_seconds))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    # As `openedits serve` runs it: SIGTERM drains before the process exits.
+    run_server(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 if __name__ == "__main__":

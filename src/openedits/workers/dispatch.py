@@ -35,6 +35,11 @@ class Dispatcher(Protocol):
         """Stop taking work and wait (briefly) for running tasks."""
         ...
 
+    def drain(self, grace_seconds: float) -> None:
+        """Stop claiming at once; give running tasks `grace_seconds` to finish, then hand the
+        ones still running back to pending at once (not after their lease runs out)."""
+        ...
+
     def submit(self, task_id: str, priority: int) -> None:
         """A pending task is in the store; make sure a worker will run it."""
         ...
@@ -78,10 +83,14 @@ class InProcessDispatcher:
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
         self._node = f"{os.getpid()}-{secrets.token_hex(3)}"
+        self._lock = threading.Lock()
+        self._running: dict[str, str] = {}  # worker id -> the task it runs
+        self._drained = False
 
     def start(self) -> None:
         """Reap leftovers from a previous life, then start the workers and the reaper."""
         self._stop.clear()
+        self._drained = False
         self._workers = []
         reap_expired(self.rt)
         for i in range(self.threads):
@@ -97,8 +106,27 @@ class InProcessDispatcher:
         """Stop claiming; a running task finishes or is reclaimed after restart via its lease."""
         self._stop.set()
         self._wake.set()
+        # After a drain, a thread still inside the engine runs a task already handed back:
+        # nothing is left to wait for.
+        deadline = time.monotonic() + (1.0 if self._drained else 10.0)
         for t in self._workers:
-            t.join(timeout=10)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def drain(self, grace_seconds: float) -> None:
+        """Stop claiming; wait up to `grace_seconds` for running tasks, then release the rest
+        to pending (a released task's engine stops when its lease check notices)."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + grace_seconds
+        for t in self._workers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            running = dict(self._running)
+        for worker_id, task_id in running.items():
+            if self.rt.store.release(task_id, worker_id):
+                log.warning("task handed back to pending: still running when the drain ended",
+                            extra={"task_id": task_id})
+        self._drained = True
 
     def submit(self, task_id: str, priority: int) -> None:
         """Wake an idle worker."""
@@ -118,10 +146,19 @@ class InProcessDispatcher:
             if row is None:
                 self._wake.wait(self.rt.settings.reaper_interval_seconds)
                 continue
+            if self._stop.is_set():
+                # The drain began while this claim was on its way: no new task starts here.
+                self.rt.store.release(row.id, worker_id)
+                return
+            with self._lock:
+                self._running[worker_id] = row.id
             try:
                 run_task(self.rt, row.id, worker_id)
             except Exception:
                 log.exception("run_task escaped", extra={"task_id": row.id})
+            finally:
+                with self._lock:
+                    self._running.pop(worker_id, None)
 
     def _reap(self) -> None:
         next_purge = 0.0

@@ -1,0 +1,112 @@
+"""SIGTERM on a real server process with tasks in flight: drain, answer everyone, lose nothing."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from openedits.schemas import TaskState
+from openedits.store.database import create_db_engine
+from openedits.store.tasks import TaskStore
+from tests.conftest import data_uri
+from tests.servers import ServerProcess, fake_engine_server
+
+pytestmark = pytest.mark.slow
+
+AUTH = {"authorization": "Bearer tok"}
+
+
+def _env(tmp_path: Path, drain_seconds: float) -> dict[str, str]:
+    return {"OPENEDITS_DATA_DIR": str(tmp_path), "OPENEDITS_API_TOKENS": "tok",
+            "OPENEDITS_DRAIN_SECONDS": str(drain_seconds), "OPENEDITS_RATE_LIMIT": "off",
+            "OPENEDITS_LEASE_SECONDS": "30"}
+
+
+def _store(tmp_path: Path) -> TaskStore:
+    return TaskStore(create_db_engine(f"sqlite:///{(tmp_path / 'openedits.db').resolve()}"))
+
+
+def _sync_edit(server: ServerProcess, body: dict[str, Any], out: list[httpx.Response]) -> None:
+    out.append(httpx.post(server.url + "/midjourney/edits", headers=AUTH, json=body, timeout=60))
+
+
+def _wait_state(store: TaskStore, state: TaskState, count: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows, _ = store.page(owner=None, limit=100)
+        if sum(r.state is state for r in rows) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} task(s) {state.value}")
+
+
+def test_sigterm_finishes_running_work_answers_waiters_and_keeps_the_queue(
+        tmp_path: Path, image) -> None:
+    body = {"image_url": data_uri(image), "prompt": "a hat"}
+    store = _store(tmp_path)
+    with fake_engine_server(_env(tmp_path, 20), step_seconds=0.5) as server:
+        running: list[httpx.Response] = []
+        queued: list[httpx.Response] = []
+        a = threading.Thread(target=_sync_edit, args=(server, body, running))
+        a.start()
+        _wait_state(store, TaskState.running, 1)
+        async_id = httpx.post(server.url + "/midjourney/edits", headers=AUTH, timeout=10,
+                              json={**body, "async": True}).json()["task_id"]
+        b = threading.Thread(target=_sync_edit, args=(server, body, queued))
+        b.start()
+        _wait_state(store, TaskState.pending, 2)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        # At once: not ready, while the running task still finishes.
+        ready = httpx.get(server.url + "/readyz", timeout=5)
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["error"]["code"] == "unavailable"
+        assert "draining" in ready.json()["not_ready"]["process"]
+        a.join(30)
+        b.join(30)
+        assert server.proc.wait(30) == 0, server.output()[-3000:]
+        assert time.monotonic() - signalled < 20
+    # The running task's caller got its result; the queued one a 503 envelope with its id.
+    assert running[0].status_code == 200 and running[0].json()["success"] is True
+    reply = queued[0]
+    assert reply.status_code == 503, reply.text
+    assert reply.headers["retry-after"]
+    waiting = reply.json()
+    assert waiting["success"] is False and waiting["error"]["code"] == "unavailable"
+    assert waiting["task_id"] in waiting["error"]["message"]
+    assert waiting["trace_id"] == reply.headers["x-trace-id"]
+    # Nothing lost: both queued tasks are still pending, and run after a restart.
+    pending = {r.id for r in store.page(owner=None, limit=100)[0]
+               if r.state is TaskState.pending}
+    assert pending == {async_id, waiting["task_id"]}
+    with fake_engine_server(_env(tmp_path, 20), step_seconds=0.0):
+        _wait_state(store, TaskState.succeeded, 3)
+
+
+def test_tasks_past_the_grace_go_back_to_pending_at_once(tmp_path: Path, image) -> None:
+    body = {"image_url": data_uri(image), "prompt": "a hat"}
+    store = _store(tmp_path)
+    with fake_engine_server(_env(tmp_path, 1), step_seconds=3) as server:
+        replies: list[httpx.Response] = []
+        a = threading.Thread(target=_sync_edit, args=(server, body, replies))
+        a.start()
+        _wait_state(store, TaskState.running, 1)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        a.join(30)
+        assert server.proc.wait(30) == 0, server.output()[-3000:]
+        # The grace (1 s), the waiter's next look (1 s) and uvicorn's own shutdown.
+        assert time.monotonic() - signalled < 8
+    reply = replies[0]
+    assert reply.status_code == 503, reply.text
+    task_id = reply.json()["task_id"]
+    row = store.get(task_id)
+    assert row is not None and row.state is TaskState.pending
+    # Released, not left to its lease; and the attempt is not counted against it.
+    assert row.lease_owner is None and row.attempts == 0
