@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from openedits.metrics import Metrics, serve_metrics
 from openedits.runtime import Runtime
 from openedits.settings import Settings
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, FakeTorch
 from tests.servers import free_port
 
 
@@ -60,3 +61,19 @@ def test_scraping_never_imports_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cuda_memory_shows_only_where_torch_already_uses_cuda(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = Runtime.build(Settings(data_dir=tmp_path), engine=FakeEngine())
+    metrics = Metrics(process=False)
+    metrics.watch(rt)
+    monkeypatch.setitem(sys.modules, "torch", FakeTorch(devices=2))
+    text = metrics.render().decode()
+    assert 'openedits_device_memory_allocated_bytes{device="cuda:1"} 2.147483648e+09' in text
+    assert 'openedits_device_memory_reserved_bytes{device="cuda:0"} 2.147483648e+09' in text
+    assert 'openedits_device_memory_total_bytes{device="cuda:0"}' in text
+    # A process that has not touched CUDA does not get a context made by a scrape.
+    monkeypatch.setitem(sys.modules, "torch", FakeTorch(devices=2, initialized=False))
+    assert "device_memory" not in metrics.render().decode()
+    rt.close()
