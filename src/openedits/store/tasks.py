@@ -265,7 +265,7 @@ class TaskStore:
     # A reserved task is pending to every reader: it has not started, a cancel ends it at
     # once, and a dead worker's reservation lapses with its lease like a running task's.
 
-    def _order(self, skip_owners: Collection[str]) -> Any:
+    def _order(self, skip_owners: Collection[str], below: int | None = None) -> Any:
         """Pending tasks no live lease holds, fairly ordered: priority (turbo, fast, relax);
         then the owner with the fewest tasks claimed or running (one token's burst cannot
         starve another token's next task); then the oldest. `skip_owners` are left out."""
@@ -285,14 +285,16 @@ class TaskStore:
         )
         if skip_owners:
             query = query.where(tasks.c.owner.not_in(list(skip_owners)))
+        if below is not None:
+            query = query.where(tasks.c.priority < below)
         return query
 
     def _take_next(
-        self, take: Callable[[str], bool], skip_owners: Collection[str]
+        self, take: Callable[[str], bool], skip_owners: Collection[str], below: int | None = None
     ) -> TaskRow | None:
         for _ in range(20):
             with self.engine.connect() as conn:
-                task_id = conn.execute(self._order(skip_owners)).scalar_one_or_none()
+                task_id = conn.execute(self._order(skip_owners, below)).scalar_one_or_none()
             if task_id is None:
                 return None
             if take(task_id):
@@ -323,11 +325,17 @@ class TaskStore:
         )
 
     def reserve_next(
-        self, worker_id: str, lease_seconds: float, *, skip_owners: Collection[str] = ()
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        skip_owners: Collection[str] = (),
+        below_priority: int | None = None,
     ) -> TaskRow | None:
-        """Lease the next pending task (fair order) while it stays pending: its inputs are
-        prepared before `start`. The attempt counts here, so an input that kills its worker
-        every time is given up like a task that kills the engine."""
+        """Lease the next pending task (fair order; only those more urgent than
+        `below_priority` when given) while it stays pending: its inputs are prepared before
+        `start`. The attempt counts here, so an input that kills its worker every time is given
+        up like a task that kills the engine."""
 
         def reserve(task_id: str) -> bool:
             now = self.clock()
@@ -342,7 +350,7 @@ class TaskStore:
                 also=[self._lease_expired()],
             )
 
-        return self._take_next(reserve, skip_owners)
+        return self._take_next(reserve, skip_owners, below_priority)
 
     def start(self, task_id: str, worker_id: str, lease_seconds: float) -> float | None:
         """A reserved task goes to running (the device took it); returns its started_at, or
