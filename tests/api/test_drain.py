@@ -101,8 +101,9 @@ def test_tasks_past_the_grace_go_back_to_pending_at_once(tmp_path: Path, image) 
         server.proc.send_signal(signal.SIGTERM)
         a.join(30)
         assert server.proc.wait(30) == 0, server.output()[-3000:]
-        # The grace (1 s), the waiter's next look (1 s) and uvicorn's own shutdown.
-        assert time.monotonic() - signalled < 8
+        # Inside the shutdown timeout serve gives uvicorn (the drain plus 15 s), which a process
+        # manager's stop timeout is told to exceed.
+        assert time.monotonic() - signalled < 1 + 15
     reply = replies[0]
     assert reply.status_code == 503, reply.text
     task_id = reply.json()["task_id"]
