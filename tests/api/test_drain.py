@@ -10,14 +10,17 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from openedits.api.app import create_app
 from openedits.schemas import TaskState
+from openedits.settings import Settings
 from openedits.store.database import create_db_engine
 from openedits.store.tasks import TaskStore
+from tests.conftest import AUTH as TEST_AUTH
 from tests.conftest import data_uri
+from tests.fakes import FakeEngine
 from tests.servers import ServerProcess, fake_engine_server
-
-pytestmark = pytest.mark.slow
 
 AUTH = {"authorization": "Bearer tok"}
 
@@ -46,6 +49,7 @@ def _wait_state(store: TaskStore, state: TaskState, count: int, timeout: float =
     raise AssertionError(f"no {count} task(s) {state.value}")
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_running_work_answers_waiters_and_keeps_the_queue(
         tmp_path: Path, image) -> None:
     body = {"image_url": data_uri(image), "prompt": "a hat"}
@@ -89,6 +93,7 @@ def test_sigterm_finishes_running_work_answers_waiters_and_keeps_the_queue(
         _wait_state(store, TaskState.succeeded, 3)
 
 
+@pytest.mark.slow
 def test_tasks_past_the_grace_go_back_to_pending_at_once(tmp_path: Path, image) -> None:
     body = {"image_url": data_uri(image), "prompt": "a hat"}
     store = _store(tmp_path)
@@ -111,3 +116,24 @@ def test_tasks_past_the_grace_go_back_to_pending_at_once(tmp_path: Path, image) 
     assert row is not None and row.state is TaskState.pending
     # Released, not left to its lease; and the attempt is not counted against it.
     assert row.lease_owner is None and row.attempts == 0
+
+
+def test_a_stream_waiting_on_a_queued_task_ends_with_the_503_body(
+        settings: Settings, image) -> None:
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    app = create_app(settings.model_copy(update={"workers_per_device": 1}), engine=engine)
+    body = {"image_url": data_uri(image), "prompt": "a hat"}
+    with TestClient(app) as client:
+        try:
+            client.post("/midjourney/edits", headers=TEST_AUTH, json={**body, "async": True})
+            assert engine.started.wait(10)  # the device is busy: the next task waits
+            app.state.lifecycle.draining.set()
+            with client.stream("POST", "/midjourney/edits", json=body,
+                               headers={**TEST_AUTH, "accept": "application/x-ndjson"}) as r:
+                lines = [line for line in r.iter_lines() if line]
+        finally:
+            engine.gate.set()
+    last = httpx.Response(200, content=lines[-1]).json()
+    assert last["success"] is False and last["error"]["code"] == "unavailable"
+    assert last["task_id"] in last["error"]["message"]

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from openedits.lifecycle import Lifecycle
 
-__all__ = ["DrainingServer", "run_server"]
+__all__ = ["DrainingServer", "run_server", "shutdown_timeout"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ class DrainingServer(uvicorn.Server):
         self.dispatcher = dispatcher
         self._draining: threading.Thread | None = None
 
+    @classmethod
+    def for_app(cls, app: FastAPI, config: uvicorn.Config) -> DrainingServer:
+        """The server for an app built by create_app (its lifecycle and dispatcher)."""
+        return cls(config, app.state.lifecycle, app.state.dispatcher)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Signal handler (main thread): start the drain, or force the exit on a repeat."""
         if self._draining is not None:
@@ -57,12 +62,12 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def shutdown_timeout(lifecycle: Lifecycle) -> int:
+    """uvicorn's `timeout_graceful_shutdown` for a drain of this length."""
+    return int(lifecycle.grace_seconds + _SHUTDOWN_MARGIN)
+
+
 def run_server(app: FastAPI, *, host: str, port: int, **config: Any) -> None:
     """Serve `app` (built by create_app) until a signal drains and stops it."""
-    lifecycle: Lifecycle = app.state.lifecycle
-    config.setdefault("timeout_graceful_shutdown",
-                      int(lifecycle.grace_seconds + _SHUTDOWN_MARGIN))
-    server = DrainingServer(
-        uvicorn.Config(app, host=host, port=port, **config), lifecycle, app.state.dispatcher
-    )
-    server.run()
+    config.setdefault("timeout_graceful_shutdown", shutdown_timeout(app.state.lifecycle))
+    DrainingServer.for_app(app, uvicorn.Config(app, host=host, port=port, **config)).run()
