@@ -44,11 +44,11 @@ def create_app(
     settings = settings or Settings()
     rt = runtime or Runtime.build(settings, engine=engine)
     disp = dispatcher or InProcessDispatcher(rt)
+    metrics = Metrics()
+    metrics.watch(rt)
     deliveries = DeliveryLoop.from_runtime(rt)
     rt.bus.subscribe(deliveries)  # a finished task wakes the loop: callbacks leave at once
     lifecycle = Lifecycle(settings.drain_seconds)
-    metrics = Metrics()
-    metrics.watch(rt)
     warmup = _readiness(lifecycle, rt, runs_engine=isinstance(disp, InProcessDispatcher))
     service = EditService(
         rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens), lifecycle=lifecycle
