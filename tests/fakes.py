@@ -224,3 +224,29 @@ class FakeTorch:
                 return _Props()
 
         self.cuda = _Cuda()
+
+
+class BrokerDispatcher:
+    """A dispatcher that runs nothing here and reports a broker's readiness, as a scale-out
+    API node's does (for readiness tests)."""
+
+    name = "fake-broker"
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+        self.submitted: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def submit(self, task_id: str, priority: int) -> None:
+        self.submitted.append(task_id)
+
+    def drain(self, grace_seconds: float) -> None:
+        pass
+
+    def ready(self) -> str | None:
+        return self.problem

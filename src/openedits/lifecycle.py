@@ -6,9 +6,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["Drainable", "Lifecycle", "ReadinessCheck"]
+__all__ = ["Drainable", "HasReadiness", "Lifecycle", "ReadinessCheck"]
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,16 @@ class Drainable(Protocol):
 
     def drain(self, grace_seconds: float) -> None:
         """Stop claiming; give running tasks `grace_seconds`, then release the rest."""
+        ...
+
+
+@runtime_checkable
+class HasReadiness(Protocol):
+    """A dispatcher whose readiness is its own (a broker-backed one: does the broker answer?).
+    create_app adds its `ready` as the "broker" check."""
+
+    def ready(self) -> str | None:
+        """None when ready, else a sentence saying what is not (e.g. the broker is down)."""
         ...
 
 

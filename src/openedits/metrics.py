@@ -112,10 +112,13 @@ class Metrics:
         """Whether attempts are counted in-process (the delivery loop calls the hook)."""
         return self._webhooks is not None
 
-    def watch(self, rt: Runtime) -> None:
-        """Count this process's ended tasks and expose the store's queue and the engine: what
-        an API process and a worker process both call once."""
+    def watch(self, rt: Runtime, *, count_finished: bool = True) -> None:
+        """Expose the store's queue and the engine, and (with `count_finished`) count the ended
+        tasks rt's bus reports: what an API process and a worker process both call once. Pass
+        False where the bus also relays other processes' events (they count their own)."""
         self.registry.register(RuntimeCollector(rt, self))
+        if not count_finished:
+            return
         engine = rt.engine.name
 
         def on_event(event: TaskEvent) -> None:

@@ -17,7 +17,7 @@ from openedits.settings import Settings
 from openedits.store._tables import tasks
 from openedits.webhooks.outbox import owe_callback
 from tests.conftest import AUTH, data_uri
-from tests.fakes import FakeEngine
+from tests.fakes import BrokerDispatcher, FakeEngine
 from tests.servers import serve_in_thread
 
 TIMINGS = {"queue": 0.25, "inputs": 0.5, "engine": 2.0, "results": 0.125, "total": 2.875}
@@ -209,3 +209,15 @@ def test_readyz_fails_while_draining(client: TestClient) -> None:
     client.app.state.lifecycle.draining.set()  # type: ignore[attr-defined]
     r = client.get("/readyz")
     assert r.status_code == 503 and "draining" in r.json()["not_ready"]["process"]
+
+
+def test_readyz_asks_the_broker_on_an_api_node(settings: Settings) -> None:
+    dispatcher = BrokerDispatcher()
+    app = create_app(settings, engine=FakeEngine(), dispatcher=dispatcher)
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        dispatcher.problem = "broker redis://queue:6379/0 does not answer"
+        r = client.get("/readyz")
+    assert r.status_code == 503
+    # The engine runs on the workers, not here: only the broker is named.
+    assert r.json()["not_ready"] == {"broker": "broker redis://queue:6379/0 does not answer"}

@@ -19,7 +19,7 @@ from openedits.api.routes import edits, files, health, hosted, ops, tasks, web, 
 from openedits.auth import Authenticator
 from openedits.editing import EditService
 from openedits.engines.base import Engine
-from openedits.lifecycle import Lifecycle
+from openedits.lifecycle import HasReadiness, Lifecycle
 from openedits.metrics import Metrics
 from openedits.ratelimit import RateLimitMiddleware
 from openedits.runtime import Runtime
@@ -45,11 +45,15 @@ def create_app(
     rt = runtime or Runtime.build(settings, engine=engine)
     disp = dispatcher or InProcessDispatcher(rt)
     metrics = Metrics()
-    metrics.watch(rt)
+    # Finishes are counted where tasks run: an API node whose bus relays its workers' events
+    # would count each of them again (the workers export their own).
+    metrics.watch(rt, count_finished=isinstance(disp, InProcessDispatcher))
     deliveries = DeliveryLoop.from_runtime(rt)
     rt.bus.subscribe(deliveries)  # a finished task wakes the loop: callbacks leave at once
     lifecycle = Lifecycle(settings.drain_seconds)
     warmup = _readiness(lifecycle, rt, runs_engine=isinstance(disp, InProcessDispatcher))
+    if isinstance(disp, HasReadiness):
+        lifecycle.add_check("broker", disp.ready)
     service = EditService(
         rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens), lifecycle=lifecycle
     )
