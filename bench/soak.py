@@ -2,7 +2,9 @@
 
 Starts a real `openedits serve` process (the opencv engine, SQLite in a temp dir), sends
 `--edits` synchronous edits of a `--size` px image with a mask from `--clients` clients, and
-prints the server's resident memory after the warm-up edits and at the end, and the growth.
+prints the server's resident memory after the warm-up edits, every 100 edits, and at the end,
+and the growth. Each reading is taken after a short pause with no request in flight, so it shows
+what the server keeps, not the buffers of the edits under way.
 
     .venv/bin/python bench/soak.py [--edits 500] [--warmup 50] [--size 512] [--clients 2]
 
@@ -62,6 +64,15 @@ def _rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS in /proc/<pid>/status")
 
 
+def _settled_rss(pid: int) -> int:
+    """RSS once the edits in flight have ended and freed their buffers."""
+    time.sleep(_SETTLE_SECONDS)
+    return _rss_bytes(pid)
+
+
+_SETTLE_SECONDS = 1.5
+
+
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,6 +94,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--clients", type=int, default=2)
     args = parser.parse_args()
+    if not 0 < args.warmup < args.edits:
+        parser.error("--warmup must be at least 1 and fewer than --edits")
 
     body = {"image_url": _data_uri(_image(args.size)), "mask": _data_uri(_mask(args.size)),
             "prompt": "soak", "split_images": True}
@@ -108,11 +121,21 @@ def main() -> None:
 
                 with ThreadPoolExecutor(args.clients) as pool:
                     list(pool.map(edit, range(args.warmup)))
-                    warm = _rss_bytes(proc.pid)
-                    started = time.perf_counter()
-                    seconds = list(pool.map(edit, range(args.edits - args.warmup)))
-                    elapsed = time.perf_counter() - started
-                end = _rss_bytes(proc.pid)
+                    warm = _settled_rss(proc.pid)
+                    print(f"{args.warmup:5d} edits: RSS {warm / 2**20:.1f} MiB (after warm-up)",
+                          flush=True)
+                    seconds: list[float] = []
+                    elapsed = 0.0
+                    done = args.warmup
+                    while done < args.edits:
+                        batch = min(100 - done % 100, args.edits - done)
+                        started = time.perf_counter()
+                        seconds += pool.map(edit, range(batch))
+                        elapsed += time.perf_counter() - started
+                        done += batch
+                        rss = _settled_rss(proc.pid)
+                        print(f"{done:5d} edits: RSS {rss / 2**20:.1f} MiB", flush=True)
+                end = rss
         finally:
             proc.terminate()
             proc.wait(60)

@@ -41,10 +41,10 @@ def serve(
 
     SIGTERM or SIGINT drains it: readiness fails, running tasks get OPENEDITS_DRAIN_SECONDS to
     finish, the rest go back to pending, waiting callers are answered, and it exits 0."""
-    from openedits._memory import limit_malloc_arenas
+    from openedits._memory import tune_malloc
 
     # First, before any thread exists: fragmentation across many arenas grows RSS for good.
-    limit_malloc_arenas()
+    tune_malloc()
     settings = _settings()
     _configure_logging(settings)
     from openedits.api._drain import run_server
