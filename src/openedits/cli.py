@@ -43,7 +43,7 @@ def serve(
     finish, the rest go back to pending, waiting callers are answered, and it exits 0."""
     from openedits._memory import tune_malloc
 
-    # First, before any thread exists: fragmentation across many arenas grows RSS for good.
+    # First, before any thread exists: freed image buffers must go back to the system.
     tune_malloc()
     settings = _settings()
     _configure_logging(settings)
