@@ -32,9 +32,9 @@ FORMATS: dict[str, tuple[str, str]] = {
 _DEFAULT_QUALITY = {"webp": 90, "jpeg": 90}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NONE, _UP = 0, 2
-# memLevel 4: a row is at most a few kB, so a small hash table loses nothing, and a full flush
-# (which clears it) after every row stays cheap.
-_MEM_LEVEL = 4
+# zlib's default memory level: smaller ones made photo rows slower and larger (measured with
+# bench/edit_latency.py's encoder table), though a full flush after every row clears the table.
+_MEM_LEVEL = 8
 
 
 @dataclass(frozen=True)

@@ -352,9 +352,18 @@ class TaskStore:
 
         return self._take_next(reserve, skip_owners, below_priority)
 
-    def start(self, task_id: str, worker_id: str, lease_seconds: float) -> float | None:
-        """A reserved task goes to running (the device took it); returns its started_at, or
-        None when it is no longer this worker's (cancelled, or its reservation lapsed)."""
+    def start(
+        self,
+        task_id: str,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        seeds: list[int] | None = None,
+        progress: int = 0,
+    ) -> float | None:
+        """A reserved task goes to running (the device took it), with its seeds and first
+        progress in the same write; returns its started_at, or None when it is no longer this
+        worker's (cancelled, or its reservation lapsed)."""
         now = self.clock()
         started = self._transition(
             task_id,
@@ -363,6 +372,8 @@ class TaskStore:
                 "state": TaskState.running.value,
                 "started_at": now,
                 "lease_expires_at": now + lease_seconds,
+                "seeds": seeds,
+                "progress": max(0, min(99, progress)),
             },
             lease_owner=worker_id,
         )

@@ -22,6 +22,7 @@ from openedits.workers.events import TaskFinished
 from openedits.workers.inputs import InputStage
 from openedits.workers.leases import LeaseKeeper
 from openedits.workers.runner import (
+    FETCHED,
     Job,
     Outcome,
     conclude,
@@ -236,12 +237,14 @@ class InProcessDispatcher:
                 outcome: Outcome | None = None
                 try:
                     if self.rt.store.start(
-                        job.task_id, job.worker_id, self.rt.settings.lease_seconds
+                        job.task_id, job.worker_id, self.rt.settings.lease_seconds,
+                        seeds=job.seeds, progress=FETCHED,
                     ) is None:
                         log.info("task no longer ours to start; dropped")
                         self._leases.drop(job)
                         self._busy_done(job)
                         continue
+                    job.recorded = True
                     started(self.rt, job)
                     execute(self.rt, job)
                 except Exception as exc:

@@ -33,6 +33,7 @@ from openedits.workers.events import TaskFinished, TaskProgress, TaskStarted
 from openedits.workers.leases import LeaseKeeper
 
 __all__ = [
+    "FETCHED",
     "VARIANTS",
     "Job",
     "Outcome",
@@ -48,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 VARIANTS = 4
 # Progress bands: fetching and decoding take the first 5%, saving the last 5%.
-_FETCHED, _EDITED = 5, 95
+FETCHED, _EDITED = 5, 95
 # Seconds between progress writes to the store, and between reads of the cancel flag.
 _STORE_EVERY, _CANCEL_EVERY = 0.5, 0.2
 
@@ -69,6 +70,9 @@ class Job:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     variants: list[Image.Image] | None = None
+    seeds: list[int] | None = None
+    # True once the store holds the seeds and the first progress (written with the start).
+    recorded: bool = False
 
     @property
     def task_id(self) -> str:
@@ -137,6 +141,8 @@ def prepare(rt: Runtime, job: Job) -> None:
             )
         rt.engine.validate(decoded.image, mask, body.prompt)
         job.body, job.image, job.mask = body, decoded.image, mask
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        job.seeds = [seed + i for i in range(VARIANTS)]
     finally:
         job.timings["inputs"] = time.perf_counter() - t0
 
@@ -150,9 +156,12 @@ def execute(rt: Runtime, job: Job) -> None:
     # fast engine's steps are not paced by the database.
     clock = time.monotonic
     seen = {"progress": -1, "written": float("-inf"), "checked": float("-inf")}
+    if job.recorded:
+        # The start wrote the first progress and read nothing new to cancel a moment ago.
+        seen["written"] = seen["checked"] = clock()
 
     def on_progress(fraction: float) -> None:
-        progress = _FETCHED + int(max(0.0, min(1.0, fraction)) * (_EDITED - _FETCHED))
+        progress = FETCHED + int(max(0.0, min(1.0, fraction)) * (_EDITED - FETCHED))
         if progress <= seen["progress"]:
             return
         seen["progress"] = progress
@@ -172,11 +181,12 @@ def execute(rt: Runtime, job: Job) -> None:
 
     t0 = time.perf_counter()
     try:
+        assert job.seeds is not None
         on_progress(0.0)
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        rt.store.set_seeds(row.id, worker_id, [seed + i for i in range(VARIANTS)])
+        if not job.recorded:
+            rt.store.set_seeds(row.id, worker_id, job.seeds)
         preset: Preset = body.mode
-        if should_cancel(force=True):
+        if should_cancel(force=not job.recorded):
             raise TaskCancelled("the task was cancelled")
         # Engines that own a device serialise their jobs on it themselves (diffusers waits for
         # its device in slices, so a queued task can still be cancelled); opencv needs none.
@@ -186,7 +196,7 @@ def execute(rt: Runtime, job: Job) -> None:
             job.mask,
             body.prompt,
             n=VARIANTS,
-            seed=seed,
+            seed=job.seeds[0],
             preset=preset,
             on_progress=on_progress,
             should_cancel=should_cancel,
