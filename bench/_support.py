@@ -8,8 +8,9 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -138,3 +139,31 @@ class FixedTimeEngine:
             self._device.release()
         arr = np.asarray(image.convert("RGB"))
         return [Image.fromarray((arr // 2 + 16 * i).astype(np.uint8), "RGB") for i in range(n)]
+
+
+@contextmanager
+def serve_receiver(on_json: Callable[[Any], None]) -> Iterator[str]:
+    """An HTTP server on loopback that answers every POST 200 and hands its JSON body to
+    `on_json`; yields its URL."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            on_json(json.loads(body))
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
