@@ -214,36 +214,38 @@ def _pillow(image: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 def encode_results(
-    variants: Sequence[Image.Image],
+    variants: Sequence[Image.Image | np.ndarray],
     *,
     fmt: OutputFormat = "png",
     quality: int | None = None,
     singles: bool = True,
     pool: Executor | None = None,
 ) -> EncodedResults:
-    """Encode the 2x2 grid of four same-size RGB `variants` (reading order) and, when
-    `singles`, each variant as `0_<i>`. `quality` (1-100) applies to webp and jpeg."""
+    """Encode the 2x2 grid of four same-size RGB `variants` (reading order; images or
+    height x width x 3 uint8 arrays) and, when `singles`, each variant as `0_<i>`. `quality`
+    (1-100) applies to webp and jpeg."""
     if len(variants) != 4:
         raise ValueError(f"a grid needs exactly 4 images, got {len(variants)}")
-    if len({v.size for v in variants}) != 1:
-        raise ValueError(f"grid images must share one size, got {[v.size for v in variants]}")
+    arrays = [_rgb(v) for v in variants]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"grid images must share one size, got {[a.shape for a in arrays]}")
     ext, content_type = FORMATS[fmt]
-    width, height = variants[0].size
-    grid_size = (2 * width, 2 * height)
+    height, width = arrays[0].shape[:2]
     mapper = pool.map if pool is not None else map
 
     if fmt == "png":
-        grid, files = _png_files([_rgb(v) for v in variants], singles, mapper)
+        grid, files = _png_files(arrays, singles, mapper)
     else:
         q = quality or _DEFAULT_QUALITY[fmt]
         from openedits.imaging.grid import make_grid
 
-        grid_image = make_grid(variants)
-        images = [grid_image, *variants] if singles else [grid_image]
-        encoded = list(mapper(lambda im: _pillow(im, fmt, q), images))
+        images = [Image.fromarray(a, "RGB") for a in arrays]
+        grid_image = make_grid(images)
+        todo = [grid_image, *images] if singles else [grid_image]
+        encoded = list(mapper(lambda im: _pillow(im, fmt, q), todo))
         grid, files = encoded[0], encoded[1:]
     return EncodedResults(
         grid=(f"grid{ext}", grid, content_type),
         singles=[(f"0_{i}{ext}", data, content_type) for i, data in enumerate(files)],
-        grid_size=grid_size,
+        grid_size=(2 * width, 2 * height),
     )

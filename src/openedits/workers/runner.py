@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from openedits._ids import new_image_id
@@ -213,6 +214,25 @@ def execute(rt: Runtime, job: Job) -> None:
         job.timings["engine"] = time.perf_counter() - t0
 
 
+def _kept_outside_mask(
+    image: Image.Image, variants: list[Image.Image], mask: Image.Image | None
+) -> list[np.ndarray]:
+    """The variants with every pixel outside the mask set back to the input's, as the
+    contract promises whatever the engine did (arrays, ready for the encoder)."""
+    original = np.asarray(image)
+    keep = None if mask is None else (np.asarray(mask) < 128)[:, :, None]
+    out = []
+    for v in variants:
+        if v.size != image.size or v.mode != image.mode or image.mode != "RGB":
+            out.append(np.asarray(composite(image, v, mask).convert("RGB")))
+            continue
+        arr = np.array(v)
+        if keep is not None:
+            np.copyto(arr, original, where=keep)
+        out.append(arr)
+    return out
+
+
 def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
     """The results: outside-mask pixels restored, the grid and the variants encoded and
     stored; returns the result body."""
@@ -220,9 +240,7 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
     body, row = job.body, job.row
     t0 = time.perf_counter()
     try:
-        # The contract promises every pixel outside the mask is the input's, whatever the
-        # engine did.
-        variants = [composite(job.image, v, job.mask) for v in job.variants]
+        variants = _kept_outside_mask(job.image, job.variants, job.mask)
         files = encode_results(
             variants,
             fmt=body.output_format,
