@@ -49,17 +49,18 @@ class EncodedResults:
     grid_size: tuple[int, int]
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(
-        ">I", zlib.crc32(data, zlib.crc32(kind))
-    )
+def _chunk(kind: bytes, *parts: bytes) -> list[bytes]:
+    crc = zlib.crc32(kind)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [struct.pack(">I", sum(map(len, parts))), kind, *parts, struct.pack(">I", crc)]
 
 
 def _png(width: int, height: int, deflated: bytes, adler: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    stream = b"\x78\x01" + deflated + struct.pack(">I", adler)
-    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", stream) + _chunk(
-        b"IEND", b""
+    idat = _chunk(b"IDAT", b"\x78\x01", deflated, struct.pack(">I", adler))
+    return b"".join(
+        [_PNG_SIGNATURE, *_chunk(b"IHDR", header), *idat, *_chunk(b"IEND")]
     )
 
 

@@ -219,17 +219,16 @@ def _kept_outside_mask(
 ) -> list[np.ndarray]:
     """The variants with every pixel outside the mask set back to the input's, as the
     contract promises whatever the engine did (arrays, ready for the encoder)."""
-    original = np.asarray(image)
-    keep = None if mask is None else (np.asarray(mask) < 128)[:, :, None]
+    if mask is None or mask.size != image.size or image.mode != "RGB":
+        return [np.asarray(composite(image, v, mask).convert("RGB")) for v in variants]
+    # Thresholded once for the four (Pillow's composite is the fastest way measured).
+    binary = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
     out = []
     for v in variants:
-        if v.size != image.size or v.mode != image.mode or image.mode != "RGB":
+        if v.size == image.size and v.mode == "RGB":
+            out.append(np.asarray(Image.composite(v, image, binary)))
+        else:
             out.append(np.asarray(composite(image, v, mask).convert("RGB")))
-            continue
-        arr = np.array(v)
-        if keep is not None:
-            np.copyto(arr, original, where=keep)
-        out.append(arr)
     return out
 
 
@@ -249,14 +248,12 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
             singles=body.split_images,
             pool=rt.encoder,
         )
-        urls = []
-        for name, data, content_type in files.singles:
-            key = f"{row.id}/{name}"
-            rt.blobs.put(key, data, content_type)
-            urls.append(rt.blobs.url(key, row.base_url))
-        grid_key = f"{row.id}/{files.grid[0]}"
-        rt.blobs.put(grid_key, files.grid[1], files.grid[2])
-        grid_url = rt.blobs.url(grid_key, row.base_url)
+        # The files are written side by side: a write and its rename wait on the disk.
+        written = [(f"{row.id}/{name}", data, ctype) for name, data, ctype in files.singles]
+        written.append((f"{row.id}/{files.grid[0]}", files.grid[1], files.grid[2]))
+        list(rt.encoder.map(lambda f: rt.blobs.put(*f), written))
+        urls = [rt.blobs.url(key, row.base_url) for key, _, _ in written]
+        grid_url = urls.pop()
         width, height = files.grid_size
         result = EditResult(
             task_id=row.id,
