@@ -352,9 +352,18 @@ class TaskStore:
 
         return self._take_next(reserve, skip_owners, below_priority)
 
-    def start(self, task_id: str, worker_id: str, lease_seconds: float) -> float | None:
-        """A reserved task goes to running (the device took it); returns its started_at, or
-        None when it is no longer this worker's (cancelled, or its reservation lapsed)."""
+    def start(
+        self,
+        task_id: str,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        seeds: list[int] | None = None,
+        progress: int = 0,
+    ) -> float | None:
+        """A reserved task goes to running (the device took it), with its seeds and first
+        progress in the same write; returns its started_at, or None when it is no longer this
+        worker's (cancelled, or its reservation lapsed)."""
         now = self.clock()
         started = self._transition(
             task_id,
@@ -363,6 +372,8 @@ class TaskStore:
                 "state": TaskState.running.value,
                 "started_at": now,
                 "lease_expires_at": now + lease_seconds,
+                "seeds": seeds,
+                "progress": max(0, min(99, progress)),
             },
             lease_owner=worker_id,
         )
@@ -394,6 +405,15 @@ class TaskStore:
             },
             lease_owner=worker_id,
         )
+
+    def most_urgent_pending(self) -> int | None:
+        """The priority of the most urgent pending task no worker holds, or None."""
+        query = select(func.min(tasks.c.priority)).where(
+            tasks.c.state == TaskState.pending.value, self._lease_expired()
+        )
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar_one_or_none()
+        return int(value) if value is not None else None
 
     def cancels_requested(self, task_ids: Collection[str]) -> set[str]:
         """Of `task_ids`, those asked to stop, ended, or gone: a worker holding them waiting

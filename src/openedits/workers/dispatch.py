@@ -22,6 +22,7 @@ from openedits.workers.events import TaskFinished
 from openedits.workers.inputs import InputStage
 from openedits.workers.leases import LeaseKeeper
 from openedits.workers.runner import (
+    FETCHED,
     Job,
     Outcome,
     conclude,
@@ -152,7 +153,7 @@ class InProcessDispatcher:
 
     def submit(self, task_id: str, priority: int) -> None:
         """Wake an idle worker."""
-        self._inputs.wake()
+        self._inputs.wake(priority)
         self._wake.set()
 
     def drain(self, grace_seconds: float) -> None:
@@ -236,16 +237,23 @@ class InProcessDispatcher:
                 outcome: Outcome | None = None
                 try:
                     if self.rt.store.start(
-                        job.task_id, job.worker_id, self.rt.settings.lease_seconds
+                        job.task_id, job.worker_id, self.rt.settings.lease_seconds,
+                        seeds=job.seeds, progress=FETCHED,
                     ) is None:
                         log.info("task no longer ours to start; dropped")
                         self._leases.drop(job)
                         self._busy_done(job)
                         continue
+                    job.recorded = True
                     started(self.rt, job)
                     execute(self.rt, job)
                 except Exception as exc:
                     outcome = failed(job, exc)
+                if not self._inputs.held() and self._outputs.empty():
+                    # No task is coming for the device: handing the results to another
+                    # thread would only add a wake-up to this task's latency.
+                    self._finish(job, outcome)
+                    continue
             self._outputs.put((job, outcome))
 
     def _write(self) -> None:
@@ -256,20 +264,23 @@ class InProcessDispatcher:
                 return
             job, outcome = item
             with bind(task_id=job.task_id, trace_id=job.row.trace_id):
+                self._finish(job, outcome)
+
+    def _finish(self, job: Job, outcome: Outcome | None) -> None:
+        try:
+            if outcome is None:
                 try:
-                    if outcome is None:
-                        try:
-                            outcome = Outcome(TaskState.succeeded, deliver(self.rt, job))
-                        except Exception as exc:
-                            outcome = failed(job, exc)
-                    self._leases.drop(job)
-                    if not job.lost.is_set():
-                        conclude(self.rt, job, outcome)
-                except Exception:
-                    log.exception("writing a task's end failed; its lease lapses")
-                finally:
-                    self._leases.drop(job)
-                    self._busy_done(job)
+                    outcome = Outcome(TaskState.succeeded, deliver(self.rt, job))
+                except Exception as exc:
+                    outcome = failed(job, exc)
+            self._leases.drop(job)
+            if not job.lost.is_set():
+                conclude(self.rt, job, outcome)
+        except Exception:
+            log.exception("writing a task's end failed; its lease lapses")
+        finally:
+            self._leases.drop(job)
+            self._busy_done(job)
 
     def _sequential(self, worker_id: str) -> None:
         """Unstaged: claim, then run start to end on this thread."""
@@ -304,6 +315,7 @@ class InProcessDispatcher:
                 return
             try:
                 if reap_expired(self.rt):
-                    self.submit("", 0)
+                    self._inputs.wake(0)
+                    self._wake.set()
             except Exception:
                 log.exception("reaping expired leases failed")

@@ -22,6 +22,9 @@ __all__ = ["InputStage"]
 log = logging.getLogger(__name__)
 # Seconds the device waits for a more urgent task whose inputs are still being prepared.
 _URGENT_WAIT = 1.0
+# How often the device looks in the store for a more urgent task it was not told of.
+_LOOK_EVERY = 1.0
+_NO_PRIORITY = 1 << 30
 
 
 class InputStage:
@@ -57,6 +60,8 @@ class InputStage:
         self._seq = itertools.count()
         self._workers: list[threading.Thread] = []
         self._on_free = on_free
+        self._submitted = _NO_PRIORITY  # the most urgent priority submitted since a take
+        self._looked = float("-inf")
 
     # --- life
 
@@ -90,9 +95,24 @@ class InputStage:
         for t in self._workers:
             t.join(timeout=timeout)
 
-    def wake(self) -> None:
-        """A task may be pending: let an idle thread look."""
+    def wake(self, priority: int | None = None) -> None:
+        """A task may be pending (of `priority`, when known): let an idle thread look."""
+        if priority is not None:
+            with self._lock:
+                self._submitted = min(self._submitted, priority)
         self._wake.set()
+
+    def _maybe_more_urgent(self, best: int) -> bool:
+        """Whether the store may hold a pending task more urgent than `best`: one was
+        submitted here since the last look, or the last look is a while ago (submits in other
+        processes); saves the device a query per task."""
+        with self._lock:
+            hinted, self._submitted = self._submitted < best, _NO_PRIORITY
+        now = time.monotonic()
+        if hinted or now - self._looked >= _LOOK_EVERY:
+            self._looked = now
+            return True
+        return False
 
     # --- the device's side
 
@@ -100,23 +120,34 @@ class InputStage:
         """The most urgent ready job (priority, then the order it was claimed in), or None
         after `timeout` seconds or once halted. It leaves the stage, freeing its slot.
 
-        A more urgent job whose inputs are still being prepared is waited for, briefly
-        (`_URGENT_WAIT`): long enough for ordinary inputs, too short for a hanging URL to
-        hold the device."""
-        deadline = time.monotonic() + timeout
+        A more urgent task, pending in the store or still being prepared, is waited for,
+        briefly (`_URGENT_WAIT`): long enough for ordinary inputs, too short for a hanging
+        URL to hold the device."""
         with self._lock:
             if not self._lock.wait_for(lambda: self._ready or self._halt.is_set(), timeout):
                 return None
-            urgent_until = min(deadline, time.monotonic() + _URGENT_WAIT)
-            while self._ready and self._more_urgent_preparing():
+        urgent_until = time.monotonic() + _URGENT_WAIT
+        look = None  # decided once per take: then looked at again until it is resolved
+        while True:
+            with self._lock:
+                if not self._ready:
+                    return None
+                best = self._ready[0][0]
+            if look is None:
+                look = best > 0 and self._maybe_more_urgent(best)
+            pending = self.rt.store.most_urgent_pending() if look and best > 0 else None
+            with self._lock:
+                if not self._ready:
+                    return None
+                best = self._ready[0][0]
                 left = urgent_until - time.monotonic()
-                if left <= 0:
+                wait = (pending is not None and pending < best) or self._more_urgent_preparing()
+                if not wait or left <= 0 or self._halt.is_set():
+                    _, _, job = heapq.heappop(self._ready)
+                    self._release_slot(job)
                     break
-                self._lock.wait(left)
-            if not self._ready:
-                return None
-            _, _, job = heapq.heappop(self._ready)
-            self._release_slot(job)
+                self._wake.set()  # an input thread reserves the urgent one
+                self._lock.wait(min(left, 0.05))
         self._wake.set()
         return job
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from openedits._ids import new_image_id
@@ -33,6 +34,7 @@ from openedits.workers.events import TaskFinished, TaskProgress, TaskStarted
 from openedits.workers.leases import LeaseKeeper
 
 __all__ = [
+    "FETCHED",
     "VARIANTS",
     "Job",
     "Outcome",
@@ -48,7 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 VARIANTS = 4
 # Progress bands: fetching and decoding take the first 5%, saving the last 5%.
-_FETCHED, _EDITED = 5, 95
+FETCHED, _EDITED = 5, 95
 # Seconds between progress writes to the store, and between reads of the cancel flag.
 _STORE_EVERY, _CANCEL_EVERY = 0.5, 0.2
 
@@ -69,6 +71,9 @@ class Job:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     variants: list[Image.Image] | None = None
+    seeds: list[int] | None = None
+    # True once the store holds the seeds and the first progress (written with the start).
+    recorded: bool = False
 
     @property
     def task_id(self) -> str:
@@ -137,6 +142,8 @@ def prepare(rt: Runtime, job: Job) -> None:
             )
         rt.engine.validate(decoded.image, mask, body.prompt)
         job.body, job.image, job.mask = body, decoded.image, mask
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        job.seeds = [seed + i for i in range(VARIANTS)]
     finally:
         job.timings["inputs"] = time.perf_counter() - t0
 
@@ -150,9 +157,12 @@ def execute(rt: Runtime, job: Job) -> None:
     # fast engine's steps are not paced by the database.
     clock = time.monotonic
     seen = {"progress": -1, "written": float("-inf"), "checked": float("-inf")}
+    if job.recorded:
+        # The start wrote the first progress and read nothing new to cancel a moment ago.
+        seen["written"] = seen["checked"] = clock()
 
     def on_progress(fraction: float) -> None:
-        progress = _FETCHED + int(max(0.0, min(1.0, fraction)) * (_EDITED - _FETCHED))
+        progress = FETCHED + int(max(0.0, min(1.0, fraction)) * (_EDITED - FETCHED))
         if progress <= seen["progress"]:
             return
         seen["progress"] = progress
@@ -172,11 +182,12 @@ def execute(rt: Runtime, job: Job) -> None:
 
     t0 = time.perf_counter()
     try:
+        assert job.seeds is not None
         on_progress(0.0)
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        rt.store.set_seeds(row.id, worker_id, [seed + i for i in range(VARIANTS)])
+        if not job.recorded:
+            rt.store.set_seeds(row.id, worker_id, job.seeds)
         preset: Preset = body.mode
-        if should_cancel(force=True):
+        if should_cancel(force=not job.recorded):
             raise TaskCancelled("the task was cancelled")
         # Engines that own a device serialise their jobs on it themselves (diffusers waits for
         # its device in slices, so a queued task can still be cancelled); opencv needs none.
@@ -186,14 +197,11 @@ def execute(rt: Runtime, job: Job) -> None:
             job.mask,
             body.prompt,
             n=VARIANTS,
-            seed=seed,
+            seed=job.seeds[0],
             preset=preset,
             on_progress=on_progress,
             should_cancel=should_cancel,
         )
-        if should_cancel(force=True):
-            # A cancel that arrived during the last step still wins over the result.
-            raise TaskCancelled("the task was cancelled")
         if len(variants) != VARIANTS:
             raise EngineFailed(
                 f"engine {rt.engine.name} returned {len(variants)} variants, not {VARIANTS}"
@@ -203,6 +211,24 @@ def execute(rt: Runtime, job: Job) -> None:
         job.timings["engine"] = time.perf_counter() - t0
 
 
+def _kept_outside_mask(
+    image: Image.Image, variants: list[Image.Image], mask: Image.Image | None
+) -> list[np.ndarray]:
+    """The variants with every pixel outside the mask set back to the input's, as the
+    contract promises whatever the engine did (arrays, ready for the encoder)."""
+    if mask is None or mask.size != image.size or image.mode != "RGB":
+        return [np.asarray(composite(image, v, mask).convert("RGB")) for v in variants]
+    # Thresholded once for the four (Pillow's composite is the fastest way measured).
+    binary = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    out = []
+    for v in variants:
+        if v.size == image.size and v.mode == "RGB":
+            out.append(np.asarray(Image.composite(v, image, binary)))
+        else:
+            out.append(np.asarray(composite(image, v, mask).convert("RGB")))
+    return out
+
+
 def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
     """The results: outside-mask pixels restored, the grid and the variants encoded and
     stored; returns the result body."""
@@ -210,9 +236,11 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
     body, row = job.body, job.row
     t0 = time.perf_counter()
     try:
-        # The contract promises every pixel outside the mask is the input's, whatever the
-        # engine did.
-        variants = [composite(job.image, v, job.mask) for v in job.variants]
+        # A cancel that arrived during the engine's last step (or while the results waited
+        # for the output stage) still wins over the result. Read here, not on the device.
+        if job.should_stop() or rt.store.cancel_requested(row.id):
+            raise TaskCancelled("the task was cancelled")
+        variants = _kept_outside_mask(job.image, job.variants, job.mask)
         files = encode_results(
             variants,
             fmt=body.output_format,
@@ -221,14 +249,12 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
             singles=body.split_images,
             pool=rt.encoder,
         )
-        urls = []
-        for name, data, content_type in files.singles:
-            key = f"{row.id}/{name}"
-            rt.blobs.put(key, data, content_type)
-            urls.append(rt.blobs.url(key, row.base_url))
-        grid_key = f"{row.id}/{files.grid[0]}"
-        rt.blobs.put(grid_key, files.grid[1], files.grid[2])
-        grid_url = rt.blobs.url(grid_key, row.base_url)
+        # The files are written side by side: a write and its rename wait on the disk.
+        written = [(f"{row.id}/{name}", data, ctype) for name, data, ctype in files.singles]
+        written.append((f"{row.id}/{files.grid[0]}", files.grid[1], files.grid[2]))
+        list(rt.encoder.map(lambda f: rt.blobs.put(*f), written))
+        urls = [rt.blobs.url(key, row.base_url) for key, _, _ in written]
+        grid_url = urls.pop()
         width, height = files.grid_size
         result = EditResult(
             task_id=row.id,
