@@ -246,3 +246,69 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeTorch:
+    """Stands in for an imported torch with `devices` CUDA devices (for metrics that read
+    device memory only where torch is already in use)."""
+
+    def __init__(self, devices: int = 2, *, initialized: bool = True) -> None:
+        outer = self
+        self.devices = devices
+        self.initialized = initialized
+
+        class _Props:
+            total_memory = 80 * 2**30
+
+        class _Cuda:
+            @staticmethod
+            def is_available() -> bool:
+                return outer.devices > 0
+
+            @staticmethod
+            def is_initialized() -> bool:
+                return outer.initialized
+
+            @staticmethod
+            def device_count() -> int:
+                return outer.devices
+
+            @staticmethod
+            def memory_allocated(i: int) -> int:
+                return (i + 1) * 2**30
+
+            @staticmethod
+            def memory_reserved(i: int) -> int:
+                return (i + 2) * 2**30
+
+            @staticmethod
+            def get_device_properties(i: int) -> _Props:
+                return _Props()
+
+        self.cuda = _Cuda()
+
+
+class BrokerDispatcher:
+    """A dispatcher that runs nothing here and reports a broker's readiness, as a scale-out
+    API node's does (for readiness tests)."""
+
+    name = "fake-broker"
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+        self.submitted: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def submit(self, task_id: str, priority: int) -> None:
+        self.submitted.append(task_id)
+
+    def drain(self, grace_seconds: float) -> None:
+        pass
+
+    def ready(self) -> str | None:
+        return self.problem

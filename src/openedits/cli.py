@@ -30,10 +30,10 @@ def _settings() -> Settings:
 _cli_admin.register(app, _settings)  # `openedits tasks …` and `openedits webhooks …`
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(settings: Settings) -> None:
     from openedits._logging import configure_logging
 
-    configure_logging(level)
+    configure_logging(settings.log_level, settings.log_format)
 
 
 @app.command()
@@ -41,12 +41,19 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
 ) -> None:
-    """Run the API server (with in-process workers unless a broker is configured)."""
+    """Run the API server (with in-process workers unless a broker is configured).
+
+    SIGTERM or SIGINT drains it: readiness fails, running tasks get OPENEDITS_DRAIN_SECONDS to
+    finish, the rest go back to pending, waiting callers are answered, and it exits 0."""
+    from openedits._memory import tune_malloc
+
+    # First, before any thread exists: freed image buffers must go back to the system.
+    tune_malloc()
     settings = _settings()
     if host:
         # The bind host is one of the Host values trusted by default (OPENEDITS_ALLOWED_HOSTS).
         settings = settings.model_copy(update={"host": host})
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     from openedits.api.app import create_app
     from openedits.api.server import run_server
 

@@ -20,12 +20,14 @@ from openedits.errors import (
     NotImplementedOnServer,
     PromptRefused,
     ServerBusy,
+    ShuttingDown,
     SyncTimeout,
     TaskCancelled,
     describe_value,
     validation_message,
 )
 from openedits.intake import Source, bounded_request, check_source, check_url_syntax, request_hash
+from openedits.lifecycle import Lifecycle
 from openedits.records import failure_body, task_record
 from openedits.runtime import Runtime
 from openedits.schemas import EditCreate, TasksRequest, TaskState
@@ -55,10 +57,18 @@ def _light(edit: EditCreate, sources: dict[str, Source]) -> EditCreate:
 class EditService:
     """The edit use cases behind the routes; knows nothing of HTTP."""
 
-    def __init__(self, rt: Runtime, dispatcher: Dispatcher, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        dispatcher: Dispatcher,
+        authenticator: Authenticator,
+        *,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.rt = rt
         self.dispatcher = dispatcher
         self.authenticator = authenticator
+        self.lifecycle = lifecycle
         self._moderation = [
             re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in rt.settings.moderation_list
         ]
@@ -222,6 +232,7 @@ class EditService:
                     if row.state.is_terminal():
                         yield row
                         return
+                    self._check_draining(row)
                     progress = row.progress
                 if progress > last:
                     last = progress
@@ -235,6 +246,21 @@ class EditService:
                         "poll POST /midjourney/tasks with this id, or submit with async: true"
                     )
                 event = await watch.next(min(remaining, 1.0))
+
+    def _check_draining(self, row: TaskRow) -> None:
+        """While this process drains, a waiter is answered (503, with the task id) as soon as
+        its task cannot end here: at once for a pending one (nothing is claimed any more),
+        after the drain for a running one (it had the grace period to finish)."""
+        lc = self.lifecycle
+        if lc is None or not lc.draining.is_set():
+            return
+        if lc.closed.is_set() or row.state is TaskState.pending:
+            raise ShuttingDown(
+                f"this server is shutting down; task {row.id} is kept and goes on (another "
+                "worker, or this server after its restart, runs it): poll POST "
+                "/midjourney/tasks with this id for its result",
+                retry_after=5,
+            )
 
     async def wait(
         self,

@@ -21,7 +21,9 @@
     ├── EngineUnavailable               500 api_error     (a missing extra, unloadable weights)
     ├── EngineFailed                    500 api_error     (the engine broke while editing)
     ├── TaskCancelled                   409 cancelled     (in task records only)
-    ├── ServerBusy                      503 server_busy   (connection cap reached; Retry-After)
+    ├── Unavailable                     503 unavailable   (carries retry_after)
+    │   ├── ShuttingDown                503 unavailable   (the process is draining)
+    │   └── ServerBusy                  503 server_busy   (connections or bodies at their cap)
     └── SyncTimeout                     504 timeout
 
 Workers and engines raise these; only the API's one handler turns them into HTTP responses.
@@ -47,11 +49,13 @@ __all__ = [
     "QueueFull",
     "RateLimited",
     "ServerBusy",
+    "ShuttingDown",
     "SyncTimeout",
     "TaskCancelled",
     "TaskNotFound",
     "TokenInvalid",
     "TokenMismatched",
+    "Unavailable",
     "UnsupportedEncoding",
     "describe_value",
     "validation_message",
@@ -74,6 +78,8 @@ _HINTS = {
     "split_images": "true or false",
     "async": "true or false",
     "callback_url": "an http(s) URL",
+    "output_format": "one of png, webp, jpeg",
+    "output_quality": "an integer from 1 to 100 (webp and jpeg quality)",
 }
 
 
@@ -219,15 +225,33 @@ class TaskCancelled(OpenEditsError):
     code = "cancelled"
 
 
-class ServerBusy(OpenEditsError):
-    """The server holds as many connections as it is configured for; come back shortly."""
+class Unavailable(OpenEditsError):
+    """This process cannot serve the request now; another node, or this one later, can."""
 
     status_code = 503
+    code = "unavailable"
+
+    def __init__(
+        self, message: str, *, retry_after: int = 5, headers: dict[str, str] | None = None
+    ) -> None:
+        merged = {"Retry-After": str(max(1, int(retry_after)))}
+        merged.update(headers or {})
+        super().__init__(message, headers=merged)
+        self.retry_after = max(1, int(retry_after))
+
+
+class ShuttingDown(Unavailable):
+    """The process is draining for a stop: it starts no task and answers waiting callers."""
+
+
+class ServerBusy(Unavailable):
+    """The server holds as many connections or request bodies as it is configured for; come
+    back shortly."""
+
     code = "server_busy"
 
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after)))})
-        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, retry_after=retry_after)
 
 
 class SyncTimeout(OpenEditsError):

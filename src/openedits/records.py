@@ -46,6 +46,9 @@ def task_record(row: TaskRow) -> dict[str, Any]:
     }
     if row.seeds is not None:
         record["seeds"] = row.seeds
+    if row.timings is not None:
+        # Seconds per phase (queue, inputs, engine, results, total): where the time went.
+        record["timings"] = row.timings
     if row.state is TaskState.running:
         # No `success` key while running: hosted clients read `success: true` as done.
         record["response"] = {"task_id": row.id, "progress": row.progress}

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # --- workers and queue
     broker_url: str | None = None
     workers_per_device: int = Field(default=1, ge=1, le=64)
+    # The input stage: threads that fetch and decode tasks' inputs ahead of the device, and how
+    # many of them one token's tasks may hold at once (so its slow URLs cannot hold them all).
+    input_threads: int = Field(default=4, ge=1, le=64)
+    inputs_per_owner: int = Field(default=2, ge=1, le=64)
     lease_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
@@ -111,6 +115,17 @@ class Settings(BaseSettings):
     # Host header values trusted to form result URLs besides the bind host, localhost,
     # loopback and OPENEDITS_PUBLIC_URL's host (comma-separated names, `*.example.com`, or `*`).
     allowed_hosts: str = ""
+    # "text" for people, "json" (one object a line) for log stores.
+    log_format: Literal["text", "json"] = "text"
+    # Seconds running tasks get to finish after SIGTERM/SIGINT before they go back to pending.
+    drain_seconds: float = Field(default=30.0, ge=0)
+
+    # --- operations
+    # When set, GET /metrics needs `authorization: Bearer <it>` (or an admin token) from
+    # anywhere; unset, it answers loopback clients and admin tokens only.
+    metrics_token: str | None = None
+    # Worker processes (which serve no API) export their metrics on this port when set.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("webhook_retry_delays")
     @classmethod

@@ -33,6 +33,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from openedits._ids import new_trace_id
+from openedits.api._drain import DrainingServer, shutdown_timeout
 from openedits.errors import ServerBusy
 from openedits.records import envelope
 from openedits.settings import Settings
@@ -257,15 +258,26 @@ def server_config(app: Any, settings: Settings, *, host: str, port: int,
         "log_level": settings.log_level.lower(),
         "proxy_headers": True,
         "forwarded_allow_ips": settings.forwarded_allow_ips,
-        "timeout_graceful_shutdown": 10,
+        # Logging is configured by the caller (text or JSON) and uvicorn's lines go through it;
+        # the app writes its own access lines (with the duration and the trace id).
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": _graceful_seconds(app),
         "timeout_keep_alive": settings.keep_alive_seconds,
         **extra,
     }
     return uvicorn.Config(app, host=host, port=port, http=protocol_for(limits), **options)
 
 
+def _graceful_seconds(app: Any) -> int:
+    # uvicorn's own graceful shutdown must outlast the app's drain (see api/_drain.py).
+    lifecycle = getattr(getattr(app, "state", None), "lifecycle", None)
+    return shutdown_timeout(lifecycle) if lifecycle is not None else 10
+
+
 def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
-    """Serve `app` until stopped (what `openedits serve` runs)."""
+    """Serve `app` (built by create_app) until a signal drains and stops it (what `openedits
+    serve` runs)."""
     open_files = raise_open_file_limit()
-    uvicorn.Server(server_config(app, settings, host=host, port=port,
-                                 open_files=open_files)).run()
+    config = server_config(app, settings, host=host, port=port, open_files=open_files)
+    DrainingServer.for_app(app, config).run()

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openedits.api._errors import envelope
+from openedits.api._observe import server_timing
 from openedits.api.deps import (
     CallerDep,
     RuntimeDep,
@@ -64,6 +65,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def create_edit(
     request: Request,
+    response: Response,
     # The caller before the body: a bad token is refused before any body is read.
     caller: CallerDep,
     service: ServiceDep,
@@ -90,6 +92,8 @@ async def create_edit(
             )
         )
         del raw
+    if row.trace_id == trace_id:  # a new task, not an idempotent replay of an earlier one
+        request.app.state.metrics.task_submitted(rt.engine.name, edit.mode)
     if NDJSON in request.headers.get("accept", "").lower():
         # Asking for a stream beats `async` and `callback_url`: the caller said how it waits.
         deliveries: DeliveryLoop = request.app.state.deliveries
@@ -114,6 +118,10 @@ async def create_edit(
     if ended is None:
         # The client hung up; the task goes on and stays retrievable. Nobody reads this.
         return Response(status_code=499)
+    timing = server_timing(ended.timings)
+    headers = {"server-timing": timing} if timing else None
+    if headers:
+        response.headers.update(headers)
     if ended.state is TaskState.succeeded and ended.response is not None:
         return ended.response
     error = (ended.response or {}).get("error") or {"code": "api_error", "message": "failed"}
@@ -121,6 +129,7 @@ async def create_edit(
     return JSONResponse(
         {**envelope(error["code"], error["message"], trace_id), "task_id": ended.id},
         status_code=ended.error_status or 500,
+        headers=headers,
     )
 
 
