@@ -100,6 +100,9 @@ class Metrics:
                 "openedits_webhook_deliveries", "Callback attempts made by this process.",
                 ["outcome"], registry=self.registry,
             )
+            # Every outcome shows from the first scrape, so a rate() over it never starts blank.
+            for outcome in ("delivered", "retry", "gone", "failed"):
+                self._webhooks.labels(outcome)
         counter = self._webhooks
 
         def attempted(outcome: str) -> None:

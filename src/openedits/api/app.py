@@ -51,7 +51,7 @@ def create_app(
     # Finishes are counted where tasks run: an API node whose bus relays its workers' events
     # would count each of them again (the workers export their own).
     metrics.watch(rt, count_finished=isinstance(disp, InProcessDispatcher))
-    deliveries = DeliveryLoop.from_runtime(rt)
+    deliveries = DeliveryLoop.from_runtime(rt, on_outcome=metrics.hook_webhooks())
     rt.bus.subscribe(deliveries)  # a finished task wakes the loop: callbacks leave at once
     lifecycle = Lifecycle(settings.drain_seconds)
     warmup = _readiness(lifecycle, rt, runs_engine=isinstance(disp, InProcessDispatcher))
