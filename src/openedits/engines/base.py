@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -15,6 +17,8 @@ __all__ = [
     "Preset",
     "ProgressCallback",
     "ShouldCancel",
+    "add_note",
+    "collecting_notes",
     "never_cancel",
     "no_progress",
 ]
@@ -33,6 +37,35 @@ def no_progress(fraction: float) -> None:
 def never_cancel() -> bool:
     """A cancel check that never cancels."""
     return False
+
+
+_NOTES: ContextVar[list[str] | None] = ContextVar("openedits_engine_notes", default=None)
+
+
+@contextmanager
+def collecting_notes() -> Iterator[list[str]]:
+    """Collect the notes an engine adds while this block runs (the task's `notes`).
+
+    The runner wraps `engine.edit(...)` in it and keeps the list on the task record. A context
+    variable, not an argument, so the Engine Protocol's `edit` signature stays as it is and an
+    engine that has nothing to say needs no change.
+    """
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def add_note(text: str) -> None:
+    """Record something the engine did differently for this task (e.g. an out-of-memory retry).
+
+    Outside `collecting_notes()` the note is dropped (the engine still logs what it did).
+    """
+    notes = _NOTES.get()
+    if notes is not None:
+        notes.append(text)
 
 
 @dataclass(frozen=True)
