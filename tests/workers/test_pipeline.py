@@ -207,3 +207,23 @@ def test_a_cancelled_task_leaves_the_queue_at_once(settings: Settings, image) ->
         while time.time() < deadline and _record(tc, A, first)["state"] != "succeeded":
             time.sleep(0.02)
     assert len(engine.calls) == 1
+
+
+class _NotingEngine(FakeEngine):
+    """Says it did something differently, as the diffusers engine does on an OOM retry."""
+
+    def edit(self, *args: Any, **kwargs: Any) -> list[Image.Image]:
+        from openedits.engines.base import add_note
+
+        add_note("retried once with memory saving on")
+        return super().edit(*args, **kwargs)
+
+
+def test_an_engines_notes_are_kept_with_the_task(settings: Settings, image) -> None:
+    app = create_app(settings, engine=_NotingEngine())
+    with TestClient(app) as tc:
+        r = tc.post("/midjourney/edits", headers=A, json={
+            "image_url": data_uri(image), "prompt": "x"})
+        assert r.status_code == 200, r.text
+        row = app.state.runtime.store.get(r.json()["task_id"])
+    assert row.notes == ["retried once with memory saving on"]

@@ -165,14 +165,18 @@ def _distinct(fills: list[np.ndarray], region: np.ndarray, seed: int) -> list[Im
     gets seeded grain, so the four variants are never copies of each other."""
     seen: set[bytes] = set()
     out = []
+    # Outside the mask every fill is the input, so comparing the mask's bounding box is enough.
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)) if rows.size else (
+        slice(0, 0), slice(0, 0))
     for i, arr in enumerate(fills):
-        inside = arr[region].tobytes()
+        inside = arr[box].tobytes()
         attempt = 0
         # Bounded: an empty region (nothing to fill) has only one possible fill.
         while inside in seen and attempt < 8:
             attempt += 1
             arr = np.where(region[:, :, None], _grain(arr, seed + 1000 * attempt + i), arr)
-            inside = arr[region].tobytes()
+            inside = arr[box].tobytes()
         seen.add(inside)
         out.append(Image.fromarray(np.ascontiguousarray(arr), "RGB"))
     return out

@@ -521,17 +521,20 @@ class TaskStore:
         error_status: int | None = None,
         worker_id: str | None = None,
         timings: dict[str, float] | None = None,
+        notes: list[str] | None = None,
     ) -> bool:
         """End a task. A running or reserved task only by its lease holder (`worker_id`);
         without one, only a pending task (a cancel before it ran). A callback the task owes is
-        queued in the outbox, its inputs deleted, and `timings` (seconds per phase) kept, in
-        the same transaction."""
+        queued in the outbox, its inputs deleted, and `timings` (seconds per phase) and `notes`
+        kept, in the same transaction."""
         if not state.is_terminal():
             raise ValueError(f"finish needs a terminal state, not {state.value}")
         now = self.clock()
         values = _ended(state, response, error_status, now)
         if timings is not None:
             values["timings"] = timings
+        if notes:
+            values["notes"] = notes
         if state is TaskState.succeeded:
             values["progress"] = 100
         from_states = (

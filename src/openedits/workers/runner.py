@@ -21,7 +21,7 @@ from PIL import Image
 
 from openedits._ids import new_image_id
 from openedits._logging import bind
-from openedits.engines.base import Preset
+from openedits.engines.base import Preset, collecting_notes
 from openedits.errors import EngineFailed, OpenEditsError, TaskCancelled
 from openedits.imaging.decode import decode_image
 from openedits.imaging.encode import encode_results
@@ -72,6 +72,8 @@ class Job:
     mask: Image.Image | None = None
     variants: list[Image.Image] | None = None
     seeds: list[int] | None = None
+    # What the engine did differently for this task (engines.base.add_note), for the record.
+    notes: list[str] = field(default_factory=list)
     # True once the store holds the seeds and the first progress (written with the start).
     recorded: bool = False
 
@@ -192,16 +194,20 @@ def execute(rt: Runtime, job: Job) -> None:
         # Engines that own a device serialise their jobs on it themselves (diffusers waits for
         # its device in slices, so a queued task can still be cancelled); opencv needs none.
         rt.engine.load(rt.settings.device)
-        variants = rt.engine.edit(
-            job.image,
-            job.mask,
-            body.prompt,
-            n=VARIANTS,
-            seed=job.seeds[0],
-            preset=preset,
-            on_progress=on_progress,
-            should_cancel=should_cancel,
-        )
+        with collecting_notes() as notes:
+            try:
+                variants = rt.engine.edit(
+                    job.image,
+                    job.mask,
+                    body.prompt,
+                    n=VARIANTS,
+                    seed=job.seeds[0],
+                    preset=preset,
+                    on_progress=on_progress,
+                    should_cancel=should_cancel,
+                )
+            finally:
+                job.notes.extend(notes)
         if len(variants) != VARIANTS:
             raise EngineFailed(
                 f"engine {rt.engine.name} returned {len(variants)} variants, not {VARIANTS}"
@@ -291,6 +297,7 @@ def conclude(rt: Runtime, job: Job, outcome: Outcome) -> TaskState | None:
         error_status=outcome.error_status,
         worker_id=job.worker_id,
         timings=timings,
+        notes=job.notes or None,
     )
     if not finished:
         # Cancelled (or requeued) while we worked: the earlier decision stands.
