@@ -98,7 +98,7 @@ def test_configured_hosts_are_trusted(settings: Settings, image) -> None:
 def task_files(settings: Settings, image) -> Iterator[tuple[TestClient, str]]:
     with _app_client(settings) as tc:
         r = tc.post("/midjourney/edits", headers=AUTH,
-                    json={"image_url": data_uri(image), "prompt": "x"})
+                    json={"image_url": data_uri(image), "prompt": "x", "split_images": True})
         assert r.status_code == 200, r.text
         yield tc, r.json()["task_id"]
 
