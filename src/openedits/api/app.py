@@ -38,7 +38,7 @@ def create_app(
     and Settings come from the environment."""
     settings = settings or Settings()
     rt = runtime or Runtime.build(settings, engine=engine)
-    disp = dispatcher or InProcessDispatcher(rt)
+    disp = dispatcher or _default_dispatcher(rt)
     deliveries = DeliveryLoop.from_runtime(rt)
     rt.bus.subscribe(deliveries)  # a finished task wakes the loop: callbacks leave at once
     service = EditService(rt, disp, Authenticator(settings.bootstrap_tokens, rt.tokens))
@@ -77,3 +77,13 @@ def create_app(
         app.include_router(module.router)
     app.mount("/web", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="web")
     return app
+
+
+def _default_dispatcher(rt: Runtime) -> Dispatcher:
+    """Celery workers when a broker is configured (this process is then an API node), else
+    in-process worker threads."""
+    if rt.settings.broker_url:
+        from openedits.workers.celery_dispatch import CeleryDispatcher
+
+        return CeleryDispatcher(rt)
+    return InProcessDispatcher(rt)

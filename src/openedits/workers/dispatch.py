@@ -7,6 +7,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from openedits.errors import EngineFailed
@@ -40,14 +41,16 @@ class Dispatcher(Protocol):
         ...
 
 
-def reap_expired(rt: Runtime) -> int:
+def reap_expired(rt: Runtime, on_requeued: Callable[[str], None] | None = None) -> int:
     """Requeue tasks whose worker died; fail those that used up their attempts. Returns how
-    many tasks it touched."""
+    many tasks it touched. `on_requeued` hears each requeued id (a broker re-publishes it)."""
     requeued, exhausted = rt.store.requeue_expired(rt.settings.max_attempts)
     for task_id in requeued:
         log.warning(
             "task requeued: its worker stopped renewing the lease", extra={"task_id": task_id}
         )
+        if on_requeued is not None:
+            on_requeued(task_id)
     for task_id in exhausted:
         row = rt.store.get(task_id)
         if row is None:
