@@ -11,6 +11,7 @@ SERVICES.md in the shared docs. Standard library only: it runs before the venv i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -169,10 +170,8 @@ def _wait_s3(endpoint: str, proc: subprocess.Popen[bytes], timeout: float = 60) 
         if proc.poll() is not None:
             raise RuntimeError(f"weed exited {proc.returncode}")
         try:
-            try:
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                 client.create_bucket(Bucket=S3_BUCKET)
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                pass
             client.put_object(Bucket=S3_BUCKET, Key="ready", Body=b"ok")
             return
         except Exception as exc:
@@ -206,10 +205,8 @@ def _kill_pidfile(path: Path, *, sig: int = signal.SIGTERM, group: bool = False)
         except ProcessLookupError:
             return
         time.sleep(0.05)
-    try:
-        os.killpg(pid, signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):
+        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
 
 
 def start(root: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,11 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> TaskStore:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def store(db_url: str, clock: FakeClock) -> Iterator[TaskStore]:
+    engine = create_db_engine(db_url)
     migrate(engine)
-    return TaskStore(engine, clock=clock)
+    yield TaskStore(engine, clock=clock)
+    engine.dispose()
 
 
 def _new(i: int, priority: int = 1) -> NewTask:

@@ -7,7 +7,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from email.utils import formatdate
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -37,8 +36,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def db(db_url: str) -> Iterator[Engine]:
+    engine = create_db_engine(db_url)
     migrate(engine)
     yield engine
     engine.dispose()
@@ -221,7 +220,7 @@ def test_several_processes_never_claim_the_same_attempt(db: Engine, clock: FakeC
 
     def node(name: str) -> None:
         # Each node has its own engine: its own connection pool, as a separate process would.
-        engine = create_db_engine(str(db.url))
+        engine = create_db_engine(db.url.render_as_string(hide_password=False))
         outbox = Outbox(engine, clock=clock)
         start.wait()
         for _ in range(5):
