@@ -156,14 +156,11 @@ def _edit(rt: Runtime, row: TaskRow, worker_id: str, lease: _Lease) -> dict[str,
     # PNG encoding is the largest fixed cost after the engine; zlib releases the GIL, so the
     # five files encode in parallel.
     encoded = list(rt.encoder.map(_png, [*variants, grid]))
-    urls = []
-    for i, data in enumerate(encoded[:VARIANTS]):
-        key = f"{row.id}/0_{i}.png"
-        rt.blobs.put(key, data, "image/png")
-        urls.append(rt.blobs.url(key, row.base_url))
-    grid_key = f"{row.id}/grid.png"
-    rt.blobs.put(grid_key, encoded[VARIANTS], "image/png")
-    grid_url = rt.blobs.url(grid_key, row.base_url)
+    keys = [f"{row.id}/0_{i}.png" for i in range(VARIANTS)] + [f"{row.id}/grid.png"]
+    # In parallel too: to an object store each put is a network round trip.
+    list(rt.encoder.map(lambda key, data: rt.blobs.put(key, data, "image/png"), keys, encoded))
+    urls = [rt.blobs.url(key, row.base_url) for key in keys[:VARIANTS]]
+    grid_url = rt.blobs.url(keys[VARIANTS], row.base_url)
     result = EditResult(
         task_id=row.id,
         image_id=new_image_id(),
