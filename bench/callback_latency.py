@@ -13,24 +13,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from _support import FixedTimeEngine, data_uri, make_image, serve_receiver
 from fastapi.testclient import TestClient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.conftest import data_uri  # noqa: E402
-from tests.engines.contract import make_test_image  # noqa: E402
-from tests.fakes import FakeEngine, Received, serve_receiver  # noqa: E402
-
-from openedits.api.app import create_app  # noqa: E402
-from openedits.runtime import Runtime  # noqa: E402
-from openedits.settings import Settings  # noqa: E402
+from openedits.api.app import create_app
+from openedits.runtime import Runtime
+from openedits.settings import Settings
 
 GOAL_P50_MS = 20.0
 
@@ -41,21 +35,21 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
     args = parser.parse_args()
 
     arrivals: dict[str, float] = {}
     arrived = threading.Condition()
 
-    def on_request(item: Received) -> None:
+    def on_request(body: Any) -> None:
         now = time.time()
         with arrived:
-            arrivals[item.json()["task_id"]] = now
+            arrivals[body["task_id"]] = now
             arrived.notify_all()
 
-    image = data_uri(make_test_image((64, 48)))
-    with tempfile.TemporaryDirectory() as tmp, serve_receiver(on_request) as receiver:
+    image = data_uri(make_image((64, 48)))
+    with tempfile.TemporaryDirectory() as tmp, serve_receiver(on_request) as receiver_url:
         settings = Settings(
             data_dir=Path(tmp) / "data",
             api_tokens="bench",
@@ -65,12 +59,12 @@ def main() -> None:
             webhook_poll_seconds=5.0,
         )
         headers = {"authorization": "Bearer bench"}
-        with TestClient(create_app(settings, engine=FakeEngine(steps=1))) as client:
+        with TestClient(create_app(settings, engine=FixedTimeEngine(0.0, steps=1))) as client:
             rt: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
             latencies: list[float] = []
             for _ in range(args.tasks):
                 r = client.post("/midjourney/edits", headers=headers, json={
-                    "image_url": image, "prompt": "x", "callback_url": receiver.url + "/hook"})
+                    "image_url": image, "prompt": "x", "callback_url": receiver_url + "/hook"})
                 task_id = r.json()["task_id"]
                 with arrived:
                     if not arrived.wait_for(lambda: task_id in arrivals, 10):  # noqa: B023

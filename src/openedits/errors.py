@@ -70,6 +70,8 @@ _HINTS = {
     "split_images": "true or false",
     "async": "true or false",
     "callback_url": "an http(s) URL",
+    "output_format": "one of png, webp, jpeg",
+    "output_quality": "an integer from 1 to 100 (webp and jpeg quality)",
 }
 
 

@@ -10,7 +10,12 @@ __all__ = ["RESULT_FILES", "purge_expired"]
 
 log = logging.getLogger(__name__)
 
-RESULT_FILES = ("grid.png", "0_0.png", "0_1.png", "0_2.png", "0_3.png")
+# Every name a result file can have, in each output format.
+RESULT_FILES = tuple(
+    f"{stem}{ext}"
+    for ext in (".png", ".webp", ".jpg")
+    for stem in ("grid", "0_0", "0_1", "0_2", "0_3")
+)
 
 
 def purge_expired(rt: Runtime, *, batch: int = 500) -> int:

@@ -69,6 +69,16 @@ class EditCreate(BaseModel):
         le=2**32 - 4,
         description="(openedits) base seed; variant i uses seed + i.",
     )
+    output_format: Literal["png", "webp", "jpeg"] = Field(
+        default="png",
+        description="(openedits) the result files' format: png (lossless), webp or jpeg.",
+    )
+    output_quality: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="(openedits) webp and jpeg quality, 1 to 100 (default 90).",
+    )
 
 
 class ErrorDetail(BaseModel):

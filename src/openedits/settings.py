@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # --- workers and queue
     broker_url: str | None = None
     workers_per_device: int = Field(default=1, ge=1, le=64)
+    # The input stage: threads that fetch and decode tasks' inputs ahead of the device, and how
+    # many of them one token's tasks may hold at once (so its slow URLs cannot hold them all).
+    input_threads: int = Field(default=4, ge=1, le=64)
+    inputs_per_owner: int = Field(default=2, ge=1, le=64)
     lease_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=5.0, gt=0)

@@ -143,3 +143,98 @@ def test_page_filters_and_counts(store: TaskStore, clock: FakeClock) -> None:
     assert (rows, total) == ([], 0)
     rows, total = store.page(owner=None, trace_ids=["t1", "t4"])
     assert total == 2
+
+
+def _new_of(i: int, owner: str, priority: int = 1) -> NewTask:
+    return NewTask(id=f"{i:08d}-0000-0000-0000-000000000000", owner=owner, trace_id=f"t{i}",
+                   request={"prompt": "x"}, priority=priority, base_url="http://h/")
+
+
+def test_claims_are_fair_between_owners(store: TaskStore, clock: FakeClock) -> None:
+    # Owner a queues a burst, then b one task: b's comes next, because a already has one
+    # running and b none. Priority still comes first.
+    for i in range(5):
+        clock.now += 1
+        store.create(_new_of(i, "a"), {})
+    assert store.claim_next("w", 30).id[:8] == "00000000"
+    clock.now += 1
+    store.create(_new_of(10, "b"), {})
+    clock.now += 1
+    store.create(_new_of(11, "c", priority=0), {})
+    order = [store.claim_next("w", 30).id[:8] for _ in range(3)]
+    assert order == ["00000011", "00000010", "00000001"]
+
+
+def test_claims_skip_owners_at_their_cap(store: TaskStore, clock: FakeClock) -> None:
+    for i, owner in enumerate(["a", "a", "b"]):
+        clock.now += 1
+        store.create(_new_of(i, owner), {})
+    assert store.claim_next("w", 30, skip_owners={"a"}).id[:8] == "00000002"
+    assert store.claim_next("w", 30, skip_owners={"a", "b"}) is None
+    assert store.claim_next("w", 30).id[:8] == "00000000"
+
+
+def test_release_hands_a_task_back_without_counting_the_attempt(store: TaskStore) -> None:
+    row = store.create(_new(1), {"p": 1})
+    assert store.claim(row.id, "w1", 30)
+    assert not store.release(row.id, "w2")  # only the lease holder
+    assert store.release(row.id, "w1")
+    back = store.get(row.id)
+    assert back.state is TaskState.pending and back.attempts == 0
+    assert back.lease_owner is None and back.started_at is None
+    assert not store.release(row.id, "w1")  # no longer running
+    assert not store.heartbeat(row.id, "w1", 30)
+    assert store.claim_next("w3", 30).attempts == 1
+    assert store.payload(row.id) == {"p": 1}  # the inputs stay for the next run
+
+
+def test_finish_keeps_the_timings_in_the_same_write(store: TaskStore) -> None:
+    row = store.create(_new(1), {})
+    store.claim(row.id, "w", 30)
+    timings = {"queue": 0.5, "inputs": 0.1, "engine": 2.0, "results": 0.2, "total": 2.8}
+    assert not store.finish(row.id, TaskState.succeeded, {}, worker_id="x", timings=timings)
+    assert store.get(row.id).timings is None  # a refused finish writes nothing
+    assert store.finish(row.id, TaskState.succeeded, {"success": True}, worker_id="w",
+                        timings=timings)
+    assert store.get(row.id).timings == timings
+
+
+def test_a_reserved_task_stays_pending_until_started(store: TaskStore, clock: FakeClock) -> None:
+    row = store.create(_new(1), {})
+    held = store.reserve_next("w1", 10)
+    assert held is not None and held.id == row.id
+    assert held.state is TaskState.pending and held.started_at is None and held.attempts == 1
+    assert store.claim_next("w2", 10) is None  # nobody else takes it while the lease lives
+    assert store.reserve_next("w2", 10) is None
+    assert store.heartbeat(row.id, "w1", 10)
+    assert store.start(row.id, "w2", 10) is None  # only its holder starts it
+    started = store.start(row.id, "w1", 10)
+    assert started == clock.now
+    assert store.get(row.id).state is TaskState.running
+    assert store.get(row.id).attempts == 1  # starting is not another attempt
+
+
+def test_a_cancel_ends_a_reserved_task_at_once(store: TaskStore) -> None:
+    row = store.create(_new(1), {})
+    store.reserve_next("w", 10)
+    assert store.cancels_requested([row.id]) == set()
+    assert store.finish(row.id, TaskState.cancelled, {"success": False})  # the pending path
+    assert store.cancels_requested([row.id, "gone"]) == {row.id, "gone"}
+    assert store.start(row.id, "w", 10) is None
+
+
+def test_a_dead_workers_reservation_lapses(store: TaskStore, clock: FakeClock) -> None:
+    row = store.create(_new(1), {})
+    store.reserve_next("w1", 10)
+    clock.now += 11
+    assert store.requeue_expired(3) == ([row.id], [])
+    assert store.get(row.id).lease_owner is None
+    assert not store.heartbeat(row.id, "w1", 10)
+    store.reserve_next("w2", 10)
+    clock.now += 11
+    assert store.requeue_expired(3) == ([row.id], [])
+    store.reserve_next("w3", 10)
+    clock.now += 11
+    assert store.requeue_expired(3) == ([], [row.id])
+    assert store.fail_expired(row.id, {"success": False}, 500)
+    assert store.get(row.id).state is TaskState.failed

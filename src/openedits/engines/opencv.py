@@ -38,6 +38,8 @@ _VARIANTS = (
     (cv2.INPAINT_NS, 4),
 )
 _RADIUS = 3
+# The quarter-size passes need at least two pixels a side to have anything to pull colour from.
+MIN_SIDE = 8
 
 
 def _inpaint(bgr: np.ndarray, mask: np.ndarray, algorithm: int, scale: int) -> np.ndarray:
@@ -85,6 +87,19 @@ class OpenCVEngine:
             )
         if mask.size != image.size:
             raise InvalidInput(f"mask size {mask.size} differs from the image size {image.size}")
+        if min(image.size) < MIN_SIDE:
+            raise InvalidInput(
+                f"image is {image.width}x{image.height} px, too small for the opencv engine: it "
+                f"fills the mask from the pixels around it and needs at least {MIN_SIDE} px a "
+                "side to make four different fills; send a larger image"
+            )
+        if not (np.asarray(mask.convert("L")) < 128).any():
+            raise InvalidInput(
+                "mask covers the whole image (no black pixel): the opencv engine fills the "
+                "masked region from the pixels it keeps, so nothing is left to fill from; "
+                "paint only the region to remove, or configure a diffusion model with "
+                "OPENEDITS_DIFFUSERS_MODEL to repaint whole images from the prompt"
+            )
 
     def edit(
         self,
@@ -106,18 +121,15 @@ class OpenCVEngine:
         m = (np.asarray(mask.convert("L")) >= 128).astype(np.uint8) * 255
         keep = m == 0
 
-        def fill(i: int) -> Image.Image:
+        def fill(i: int) -> np.ndarray:
             algorithm, scale = _VARIANTS[i % len(_VARIANTS)]
             filled = _inpaint(bgr, m, algorithm, scale)[:, :, ::-1]
             if i >= len(_VARIANTS):
-                rng = np.random.default_rng(seed + i)
-                grain = rng.integers(-6, 7, size=filled.shape, dtype=np.int16)
-                filled = np.clip(filled.astype(np.int16) + grain, 0, 255).astype(np.uint8)
-            out = np.where(keep[:, :, None], rgb, filled)
-            return Image.fromarray(np.ascontiguousarray(out), "RGB")
+                filled = _grain(filled, seed + i)
+            return np.where(keep[:, :, None], rgb, filled)
 
         # cv2.inpaint releases the GIL, so the variants run side by side on the cores there are.
-        results: list[Image.Image | None] = [None] * n
+        results: list[np.ndarray | None] = [None] * n
         with ThreadPoolExecutor(max_workers=min(n, os.cpu_count() or 1)) as pool:
             futures = {}
             for i in range(n):
@@ -135,4 +147,32 @@ class OpenCVEngine:
                 on_progress(done / n)
         if done < n:
             raise TaskCancelled("the task was cancelled")
-        return [r for r in results if r is not None]
+        return _distinct([r for r in results if r is not None], ~keep, seed)
+
+
+def _grain(filled: np.ndarray, seed: int) -> np.ndarray:
+    """The fill with seeded grain: a further variant that differs from the plain fills."""
+    rng = np.random.default_rng(seed)
+    grain = rng.integers(-6, 7, size=filled.shape, dtype=np.int16)
+    grained: np.ndarray = np.clip(filled.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+    return grained
+
+
+def _distinct(fills: list[np.ndarray], region: np.ndarray, seed: int) -> list[Image.Image]:
+    """The fills as images, every one different inside the mask.
+
+    Around a region of one flat colour every algorithm fills with that colour; such a repeat
+    gets seeded grain, so the four variants are never copies of each other."""
+    seen: set[bytes] = set()
+    out = []
+    for i, arr in enumerate(fills):
+        inside = arr[region].tobytes()
+        attempt = 0
+        # Bounded: an empty region (nothing to fill) has only one possible fill.
+        while inside in seen and attempt < 8:
+            attempt += 1
+            arr = np.where(region[:, :, None], _grain(arr, seed + 1000 * attempt + i), arr)
+            inside = arr[region].tobytes()
+        seen.add(inside)
+        out.append(Image.fromarray(np.ascontiguousarray(arr), "RGB"))
+    return out

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -250,31 +261,67 @@ class TaskStore:
 
         return write
 
+    @staticmethod
+    def _leased() -> ColumnElement[bool]:
+        """Running, or pending under a worker's reservation."""
+        return or_(tasks.c.state == TaskState.running.value, tasks.c.lease_owner.is_not(None))
+
     def _lease_expired(self) -> ColumnElement[bool]:
         return or_(tasks.c.lease_expires_at.is_(None), tasks.c.lease_expires_at < self.clock())
 
     # --- workers
+    #
+    # A worker either claims a task straight to running (`claim_next`, for a worker that runs
+    # it at once), or reserves it first (`reserve_next`: still pending, but leased, while its
+    # inputs are fetched ahead of the device) and starts it when the device takes it (`start`).
+    # A reserved task is pending to every reader: it has not started, a cancel ends it at
+    # once, and a dead worker's reservation lapses with its lease like a running task's.
 
-    def claim_next(self, worker_id: str, lease_seconds: float) -> TaskRow | None:
-        """Take the most urgent pending task (turbo, fast, relax; oldest first) under a lease."""
+    def _order(self, skip_owners: Collection[str], below: int | None = None) -> Any:
+        """Pending tasks no live lease holds, fairly ordered: priority (turbo, fast, relax);
+        then the owner with the fewest tasks claimed or running (one token's burst cannot
+        starve another token's next task); then the oldest. `skip_owners` are left out."""
+        held = (
+            select(tasks.c.owner, func.count().label("n"))
+            .where(self._leased())
+            .group_by(tasks.c.owner)
+            .subquery()
+        )
+        query = (
+            select(tasks.c.id)
+            .select_from(tasks.outerjoin(held, held.c.owner == tasks.c.owner))
+            .where(tasks.c.state == TaskState.pending.value, self._lease_expired())
+            .order_by(tasks.c.priority, func.coalesce(held.c.n, 0), tasks.c.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True, of=tasks)
+        )
+        if skip_owners:
+            query = query.where(tasks.c.owner.not_in(list(skip_owners)))
+        if below is not None:
+            query = query.where(tasks.c.priority < below)
+        return query
+
+    def _take_next(
+        self, take: Callable[[str], bool], skip_owners: Collection[str], below: int | None = None
+    ) -> TaskRow | None:
         for _ in range(20):
-            query = (
-                select(tasks.c.id)
-                .where(tasks.c.state == TaskState.pending.value)
-                .order_by(tasks.c.priority, tasks.c.created_at)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
             with self.engine.connect() as conn:
-                task_id = conn.execute(query).scalar_one_or_none()
+                task_id = conn.execute(self._order(skip_owners, below)).scalar_one_or_none()
             if task_id is None:
                 return None
-            if self.claim(task_id, worker_id, lease_seconds):
+            if take(task_id):
                 return self.get(task_id)
         return None
 
+    def claim_next(
+        self, worker_id: str, lease_seconds: float, *, skip_owners: Collection[str] = ()
+    ) -> TaskRow | None:
+        """Take the next pending task (in fair order, see `_order`) to running under a lease."""
+        return self._take_next(lambda t: self.claim(t, worker_id, lease_seconds), skip_owners)
+
     def claim(self, task_id: str, worker_id: str, lease_seconds: float) -> bool:
-        """Take one pending task under a lease; False if it is no longer pending."""
+        """Take one pending task to running under a lease; False if it is no longer pending
+        (or another worker holds it reserved)."""
         now = self.clock()
         return self._transition(
             task_id,
@@ -286,16 +333,103 @@ class TaskStore:
                 "lease_expires_at": now + lease_seconds,
                 "attempts": tasks.c.attempts + 1,
             },
+            also=[self._lease_expired()],
         )
 
+    def reserve_next(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        skip_owners: Collection[str] = (),
+        below_priority: int | None = None,
+    ) -> TaskRow | None:
+        """Lease the next pending task (fair order; only those more urgent than
+        `below_priority` when given) while it stays pending: its inputs are prepared before
+        `start`. The attempt counts here, so an input that kills its worker every time is given
+        up like a task that kills the engine."""
+
+        def reserve(task_id: str) -> bool:
+            now = self.clock()
+            return self._transition(
+                task_id,
+                from_states=[TaskState.pending],
+                values={
+                    "lease_owner": worker_id,
+                    "lease_expires_at": now + lease_seconds,
+                    "attempts": tasks.c.attempts + 1,
+                },
+                also=[self._lease_expired()],
+            )
+
+        return self._take_next(reserve, skip_owners, below_priority)
+
+    def start(
+        self,
+        task_id: str,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        seeds: list[int] | None = None,
+        progress: int = 0,
+    ) -> float | None:
+        """A reserved task goes to running (the device took it), with its seeds and first
+        progress in the same write; returns its started_at, or None when it is no longer this
+        worker's (cancelled, or its reservation lapsed)."""
+        now = self.clock()
+        started = self._transition(
+            task_id,
+            from_states=[TaskState.pending],
+            values={
+                "state": TaskState.running.value,
+                "started_at": now,
+                "lease_expires_at": now + lease_seconds,
+                "seeds": seeds,
+                "progress": max(0, min(99, progress)),
+            },
+            lease_owner=worker_id,
+        )
+        return now if started else None
+
     def heartbeat(self, task_id: str, worker_id: str, lease_seconds: float) -> bool:
-        """Extend the lease; False when the worker lost it (requeued or ended elsewhere)."""
+        """Extend the lease of a running or reserved task; False when the worker lost it
+        (requeued, cancelled or ended elsewhere)."""
         return self._transition(
             task_id,
-            from_states=[TaskState.running],
+            from_states=[TaskState.pending, TaskState.running],
             values={"lease_expires_at": self.clock() + lease_seconds},
             lease_owner=worker_id,
         )
+
+    def release(self, task_id: str, worker_id: str) -> bool:
+        """Hand a reserved or running task back to pending (its worker is draining), as if it
+        had never been claimed: the attempt is not counted. Only the lease holder can."""
+        return self._transition(
+            task_id,
+            from_states=[TaskState.pending, TaskState.running],
+            values={
+                "state": TaskState.pending.value,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "started_at": None,
+                "progress": 0,
+                "attempts": case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
+            },
+            lease_owner=worker_id,
+        )
+
+    def cancels_requested(self, task_ids: Collection[str]) -> set[str]:
+        """Of `task_ids`, those asked to stop, ended, or gone: a worker holding them waiting
+        drops them at once."""
+        if not task_ids:
+            return set()
+        query = select(tasks.c.id, tasks.c.cancel_requested, tasks.c.state).where(
+            tasks.c.id.in_(list(task_ids))
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        live = {r[0] for r in rows if not r[1] and not TaskState(r[2]).is_terminal()}
+        return set(task_ids) - live
 
     def set_progress(
         self, task_id: str, worker_id: str, progress: int, lease_seconds: float
@@ -326,17 +460,23 @@ class TaskStore:
         *,
         error_status: int | None = None,
         worker_id: str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> bool:
-        """End a task. A running task only by its lease holder (`worker_id`); without one,
-        only a pending task (a cancel before it ran). A callback the task owes is queued in the
-        outbox, and its inputs deleted, in the same transaction."""
+        """End a task. A running or reserved task only by its lease holder (`worker_id`);
+        without one, only a pending task (a cancel before it ran). A callback the task owes is
+        queued in the outbox, its inputs deleted, and `timings` (seconds per phase) kept, in
+        the same transaction."""
         if not state.is_terminal():
             raise ValueError(f"finish needs a terminal state, not {state.value}")
         now = self.clock()
         values = _ended(state, response, error_status, now)
+        if timings is not None:
+            values["timings"] = timings
         if state is TaskState.succeeded:
             values["progress"] = 100
-        from_states = [TaskState.running] if worker_id else [TaskState.pending]
+        from_states = (
+            [TaskState.running, TaskState.pending] if worker_id else [TaskState.pending]
+        )
         return self._transition(
             task_id,
             from_states=from_states,
@@ -361,11 +501,12 @@ class TaskStore:
         return bool(row[0]) or TaskState(row[1]).is_terminal()
 
     def requeue_expired(self, max_attempts: int) -> tuple[list[str], list[str]]:
-        """Send tasks whose lease ran out (their worker died) back to pending.
+        """Send tasks whose lease ran out (their worker died) back to pending: running ones,
+        and reserved ones (pending, their lease cleared).
 
         Returns (requeued ids, ids left for the caller to fail because they used up
         `max_attempts`: a task that kills its worker every time must not loop forever)."""
-        expired = and_(tasks.c.state == TaskState.running.value, self._lease_expired())
+        expired = and_(self._leased(), self._lease_expired())
         with self.engine.connect() as conn:
             rows = conn.execute(select(tasks.c.id, tasks.c.attempts).where(expired)).all()
         requeued: list[str] = []
@@ -376,7 +517,7 @@ class TaskStore:
                 continue
             if self._transition(
                 task_id,
-                from_states=[TaskState.running],
+                from_states=[TaskState.running, TaskState.pending],
                 values={
                     "state": TaskState.pending.value,
                     "lease_owner": None,
@@ -386,19 +527,20 @@ class TaskStore:
                 },
                 # Re-checked in the write: another reaper may have requeued the task and a
                 # worker claimed it under a fresh lease since the select above.
-                also=[self._lease_expired()],
+                also=[self._leased(), self._lease_expired()],
             ):
                 requeued.append(task_id)
         return requeued, exhausted
 
     def fail_expired(self, task_id: str, response: dict[str, Any], error_status: int) -> bool:
-        """Fail a running task whose lease expired after its last allowed attempt."""
+        """Fail a running (or reserved) task whose lease expired after its last allowed
+        attempt."""
         now = self.clock()
         return self._transition(
             task_id,
-            from_states=[TaskState.running],
+            from_states=[TaskState.running, TaskState.pending],
             values=_ended(TaskState.failed, response, error_status, now),
-            also=[self._lease_expired()],
+            also=[self._leased(), self._lease_expired()],
             then=self._on_end(task_id, response, now),
         )
 

@@ -1,28 +1,47 @@
-"""The Dispatcher seam, and the in-process dispatcher: worker threads that claim from the store."""
+"""The Dispatcher seam, and the in-process dispatcher: an input stage, one worker per device
+and an output stage, all threads of the API process, over the store as the queue."""
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
+from openedits._logging import bind
 from openedits.errors import EngineFailed
 from openedits.records import failure_body
 from openedits.retention import purge_expired
 from openedits.runtime import Runtime
 from openedits.schemas import TaskState
 from openedits.workers.events import TaskFinished
-from openedits.workers.runner import run_task
+from openedits.workers.inputs import InputStage
+from openedits.workers.leases import LeaseKeeper
+from openedits.workers.runner import (
+    FETCHED,
+    Job,
+    Outcome,
+    conclude,
+    deliver,
+    execute,
+    failed,
+    run_task,
+    started,
+)
 
 __all__ = ["Dispatcher", "InProcessDispatcher", "reap_expired"]
 
 log = logging.getLogger(__name__)
 # Retention is counted in days; looking once an hour is plenty.
 _PURGE_EVERY = 3600.0
+# Results written behind at once, and waiting to be: past that the device waits, so a slow
+# disk cannot pile up finished variants in memory.
+_OUTPUT_THREADS, _OUTPUT_BACKLOG = 2, 2
+_JOIN_SECONDS = 10.0
 
 
 class Dispatcher(Protocol):
@@ -38,6 +57,12 @@ class Dispatcher(Protocol):
 
     def submit(self, task_id: str, priority: int) -> None:
         """A pending task is in the store; make sure a worker will run it."""
+        ...
+
+    def drain(self, grace_seconds: float) -> None:
+        """Stop claiming at once; give running tasks up to `grace_seconds` to finish; then hand
+        every task still held (running, or prepared but not started) back to pending at once,
+        its attempt not counted, for another worker or the next start."""
         ...
 
 
@@ -66,54 +91,198 @@ def reap_expired(rt: Runtime, on_requeued: Callable[[str], None] | None = None) 
 
 
 class InProcessDispatcher:
-    """The embedded default: threads in the API process claim pending tasks from the store.
+    """The embedded default: threads in the API process take pending tasks from the store.
+
+    Staged (the default): the input stage prepares tasks ahead (`InputStage`), one worker per
+    device (`workers_per_device`) only runs the engine, and an output stage encodes and stores
+    the results behind it, so the device takes the next prepared task at once. Never two jobs
+    on one device worker at once. `staged=False` runs each task start to end on its worker
+    (`run_task`), as a reference for benchmarks.
 
     The store is the queue, so a restart loses nothing: pending rows are still there, and
-    rows left running by a dead process come back through the lease reaper.
+    rows a dead process held come back through the lease reaper.
     """
 
     name = "in-process"
 
-    def __init__(self, rt: Runtime, *, threads: int | None = None) -> None:
+    def __init__(self, rt: Runtime, *, threads: int | None = None, staged: bool = True) -> None:
         self.rt = rt
         self.threads = threads or rt.settings.workers_per_device
+        self.staged = staged
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._workers: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # device workers and the reaper
+        self._writers: list[threading.Thread] = []
         self._node = f"{os.getpid()}-{secrets.token_hex(3)}"
+        self._leases = LeaseKeeper(rt, on_stop=self._left)
+        self._inputs = self._new_inputs()
+        self._outputs: queue.Queue[tuple[Job, Outcome | None] | None] = queue.Queue(
+            _OUTPUT_BACKLOG
+        )
+        self._busy: dict[str, Job] = {}  # on a device or in the output stage
+        self._busy_lock = threading.Condition()
+
+    def _new_inputs(self) -> InputStage:
+        s = self.rt.settings
+        return InputStage(self.rt, self._leases, self._node, threads=s.input_threads,
+                          per_owner=s.inputs_per_owner)
+
+    # --- the Dispatcher protocol
 
     def start(self) -> None:
-        """Reap leftovers from a previous life, then start the workers and the reaper."""
+        """Reap leftovers from a previous life, then start the stages and the reaper."""
         self._stop.clear()
-        self._workers = []
+        self._threads, self._writers = [], []
         reap_expired(self.rt)
+        self._leases.start()
+        if self.staged:
+            self._inputs = self._new_inputs()
+            self._inputs.start()
+            self._outputs = queue.Queue(_OUTPUT_BACKLOG)
+            for i in range(_OUTPUT_THREADS):
+                self._writers.append(self._spawn(self._write, f"openedits-results-{i}"))
         for i in range(self.threads):
-            t = threading.Thread(target=self._work, args=(f"{self._node}-w{i}",), daemon=True,
-                                 name=f"openedits-worker-{i}")
-            t.start()
-            self._workers.append(t)
-        reaper = threading.Thread(target=self._reap, daemon=True, name="openedits-reaper")
-        reaper.start()
-        self._workers.append(reaper)
+            work = self._device if self.staged else self._sequential
+            self._spawn(work, f"openedits-worker-{i}", f"{self._node}-w{i}")
+        self._spawn(self._reap, "openedits-reaper")
 
     def stop(self) -> None:
-        """Stop claiming; a running task finishes or is reclaimed after restart via its lease."""
-        self._stop.set()
-        self._wake.set()
-        for t in self._workers:
-            t.join(timeout=10)
+        """Stop claiming; tasks not yet on the device go back to pending at once, a running
+        task gets a few seconds to finish (else it is reclaimed through its lease)."""
+        self._halt()
+        self._join(_JOIN_SECONDS)
+        self._leases.stop()
 
     def submit(self, task_id: str, priority: int) -> None:
         """Wake an idle worker."""
+        self._inputs.wake()
         self._wake.set()
 
-    def _work(self, worker_id: str) -> None:
-        lease = self.rt.settings.lease_seconds
+    def drain(self, grace_seconds: float) -> None:
+        """Stop claiming at once; running tasks get up to `grace_seconds` to finish; those
+        still running then, and those prepared but not started, go back to pending at once."""
+        self._halt()
+        deadline = time.monotonic() + max(0.0, grace_seconds)
+        with self._busy_lock:
+            self._busy_lock.wait_for(
+                lambda: not self._busy, max(0.0, deadline - time.monotonic())
+            )
+            left = list(self._busy.values())
+        for job in left:
+            job.lost.set()  # the engine stops at its next step; its result is dropped
+            self._release(job)
+        self._join(_JOIN_SECONDS if not left else 1.0)
+        self._leases.stop()
+
+    # --- the parts
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: object) -> threading.Thread:
+        t = threading.Thread(target=target, args=args, daemon=True, name=name)
+        t.start()
+        if target != self._write:
+            self._threads.append(t)
+        return t
+
+    def _halt(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for job in self._inputs.halt():
+            self._release(job)
+
+    def _join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        # The device workers are done: the writers finish what is queued, then end.
+        for _ in self._writers:
+            try:
+                self._outputs.put(None, timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Full:
+                break
+        for t in self._writers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _release(self, job: Job) -> None:
+        self._leases.drop(job)
+        try:
+            if self.rt.store.release(job.task_id, job.worker_id):
+                log.info("task handed back to pending", extra={"task_id": job.task_id})
+        except Exception:
+            log.exception("releasing a task failed; its lease lapses",
+                          extra={"task_id": job.task_id})
+
+    def _left(self, job: Job) -> None:
+        """A waiting job was cancelled or lost its lease: out of the input stage at once."""
+        if self._inputs.discard(job):
+            self._leases.drop(job)
+            log.info("task left the queue (%s)", "lost" if job.lost.is_set() else "cancelled",
+                     extra={"task_id": job.task_id})
+
+    def _busy_add(self, job: Job) -> None:
+        with self._busy_lock:
+            self._busy[job.task_id] = job
+
+    def _busy_done(self, job: Job) -> None:
+        with self._busy_lock:
+            self._busy.pop(job.task_id, None)
+            self._busy_lock.notify_all()
+
+    def _device(self, worker_id: str) -> None:
+        """One device's worker: the engine only; inputs come prepared, results go behind."""
+        while not self._stop.is_set():
+            job = self._inputs.take(timeout=self.rt.settings.reaper_interval_seconds)
+            if job is None:
+                continue
+            self._leases.unwatch(job)  # the runner polls its cancel flag from here on
+            self._busy_add(job)
+            with bind(task_id=job.task_id, trace_id=job.row.trace_id):
+                outcome: Outcome | None = None
+                try:
+                    if self.rt.store.start(
+                        job.task_id, job.worker_id, self.rt.settings.lease_seconds,
+                        seeds=job.seeds, progress=FETCHED,
+                    ) is None:
+                        log.info("task no longer ours to start; dropped")
+                        self._leases.drop(job)
+                        self._busy_done(job)
+                        continue
+                    job.recorded = True
+                    started(self.rt, job)
+                    execute(self.rt, job)
+                except Exception as exc:
+                    outcome = failed(job, exc)
+            self._outputs.put((job, outcome))
+
+    def _write(self) -> None:
+        """The output stage: results encoded and stored, then the task's end written."""
+        while True:
+            item = self._outputs.get()
+            if item is None:
+                return
+            job, outcome = item
+            with bind(task_id=job.task_id, trace_id=job.row.trace_id):
+                try:
+                    if outcome is None:
+                        try:
+                            outcome = Outcome(TaskState.succeeded, deliver(self.rt, job))
+                        except Exception as exc:
+                            outcome = failed(job, exc)
+                    self._leases.drop(job)
+                    if not job.lost.is_set():
+                        conclude(self.rt, job, outcome)
+                except Exception:
+                    log.exception("writing a task's end failed; its lease lapses")
+                finally:
+                    self._leases.drop(job)
+                    self._busy_done(job)
+
+    def _sequential(self, worker_id: str) -> None:
+        """Unstaged: claim, then run start to end on this thread."""
         while not self._stop.is_set():
             # Clear before claiming so a submit that lands after the claim still wakes us.
             self._wake.clear()
             try:
-                row = self.rt.store.claim_next(worker_id, lease)
+                row = self.rt.store.claim_next(worker_id, self.rt.settings.lease_seconds)
             except Exception:
                 log.exception("claiming a task failed; retrying")
                 self._stop.wait(1.0)
@@ -140,6 +309,6 @@ class InProcessDispatcher:
                 return
             try:
                 if reap_expired(self.rt):
-                    self._wake.set()
+                    self.submit("", 0)
             except Exception:
                 log.exception("reaping expired leases failed")

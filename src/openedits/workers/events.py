@@ -33,10 +33,13 @@ class TaskProgress:
 
 @dataclass(frozen=True)
 class TaskFinished:
-    """The task ended; its row holds the result."""
+    """The task ended; its row holds the result. `timings`: seconds per phase (queue, inputs,
+    engine, results, total) when a worker ended it, None when it ended otherwise (a cancel
+    before it ran, a given-up task)."""
 
     task_id: str
     state: TaskState
+    timings: dict[str, float] | None = None
 
 
 TaskEvent = TaskStarted | TaskProgress | TaskFinished

@@ -1,0 +1,62 @@
+"""Result files: PNGs decode to exactly the pixels given, the grid spliced from the variants'
+rows equals the tiled grid, and webp/jpeg are written on request."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from openedits.imaging.encode import encode_png, encode_results
+from openedits.imaging.grid import make_grid
+from tests.engines.contract import make_test_image
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        return np.asarray(im.convert("RGB"))
+
+
+def _noise(size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (97, 64), (300, 2)])
+def test_png_is_lossless(size: tuple[int, int]) -> None:
+    for image in (_noise(size, 1), make_test_image(size) if min(size) > 8 else _noise(size, 2)):
+        assert np.array_equal(_pixels(encode_png(image)), np.asarray(image))
+
+
+def test_the_spliced_grid_equals_the_tiled_grid() -> None:
+    variants = [_noise((33, 20), i) for i in range(3)] + [make_test_image((33, 20))]
+    files = encode_results(variants)
+    assert files.grid[0] == "grid.png" and files.grid[2] == "image/png"
+    assert files.grid_size == (66, 40)
+    assert np.array_equal(_pixels(files.grid[1]), np.asarray(make_grid(variants)))
+    assert [name for name, _, _ in files.singles] == ["0_0.png", "0_1.png", "0_2.png", "0_3.png"]
+    for (_, data, _), v in zip(files.singles, variants, strict=True):
+        assert np.array_equal(_pixels(data), np.asarray(v))
+
+
+def test_variants_nobody_links_are_not_encoded() -> None:
+    files = encode_results([make_test_image((16, 16))] * 4, singles=False)
+    assert files.singles == []
+    assert files.grid[0] == "grid.png"
+
+
+@pytest.mark.parametrize(("fmt", "name", "content_type", "pil"),
+                         [("webp", "grid.webp", "image/webp", "WEBP"),
+                          ("jpeg", "grid.jpg", "image/jpeg", "JPEG")])
+def test_webp_and_jpeg_on_request(fmt: str, name: str, content_type: str, pil: str) -> None:
+    variants = [make_test_image((64, 48))] * 4
+    small = encode_results(variants, fmt=fmt, quality=10)  # type: ignore[arg-type]
+    large = encode_results(variants, fmt=fmt, quality=95)  # type: ignore[arg-type]
+    assert small.grid[0] == name and small.grid[2] == content_type
+    assert small.singles[0][0] == name.replace("grid", "0_0")
+    with Image.open(io.BytesIO(small.grid[1])) as im:
+        assert im.format == pil and im.size == (128, 96)
+    assert len(small.grid[1]) < len(large.grid[1])  # the quality is honoured
