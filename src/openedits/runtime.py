@@ -7,7 +7,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 from sqlalchemy import Engine as DBEngine
@@ -67,6 +67,9 @@ class Runtime:
         migrate(db)
         if engine is None and settings.scale_out:
             engine = build_engine(settings, resolve_engine_name(settings))
+        elif engine is None and len(settings.devices) > 1:
+            # The first device's copy; the dispatcher builds one for each further device.
+            engine = build_engine(settings.model_copy(update={"device": settings.devices[0]}))
         if bus is None and settings.broker_url:
             from openedits.workers.redis_bus import RedisEventBus
 
@@ -83,6 +86,10 @@ class Runtime:
             bus=bus or EventBus(),
             clock=clock,
         )
+
+    def for_device(self, settings: Settings, engine: Engine) -> Runtime:
+        """This Runtime with another device's settings and engine; everything else shared."""
+        return replace(self, settings=settings, engine=engine)
 
     def webhook_secret(self) -> str:
         """The `whsec_` secret callbacks are signed with: the configured one, else one generated
