@@ -1,6 +1,6 @@
 """Run a real `openedits worker` (Celery, prefork) on a FakeEngine, for multi-process tests.
 
-Usage: python -m tests._worker STEP_SECONDS [DEVICES]  (Settings from OPENEDITS_* variables)
+Usage: python -m tests._worker STEP_SECONDS [DEVICES [DRAIN_SECONDS]]  (Settings from OPENEDITS_*)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     options = WorkerOptions(
         devices=devices,
         loglevel="WARNING",
+        drain_seconds=float(sys.argv[3]) if len(sys.argv) > 3 else 30.0,
         engine_factory=lambda _settings: FakeEngine(steps=4, step_seconds=step_seconds),
     )
     run_worker(settings, options)

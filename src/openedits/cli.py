@@ -98,6 +98,10 @@ def worker(
         typer.Option(help="Replace a process after a task leaves it above this resident "
                           "memory (e.g. 8GB)."),
     ] = None,
+    drain_seconds: Annotated[
+        float, typer.Option(min=0, help="On SIGTERM, running tasks get this long to finish; "
+                                        "then they go back to pending for another worker.")
+    ] = 30.0,
 ) -> None:
     """Run Celery workers that execute tasks (needs OPENEDITS_BROKER_URL)."""
     settings = _settings()
@@ -120,6 +124,7 @@ def worker(
         max_memory_per_child_kb=parse_memory(max_memory_per_child)
         if max_memory_per_child else None,
         loglevel=settings.log_level.upper(),
+        drain_seconds=drain_seconds,
     )
     run_worker(settings, options)
 

@@ -76,10 +76,12 @@ class WorkerProcess:
     """A `tests._worker` process (Celery prefork on a FakeEngine) in a process group of its
     own, so a kill takes its children too, as a machine dying would."""
 
-    def __init__(self, env: dict[str, str], step_seconds: float, devices: str) -> None:
+    def __init__(self, env: dict[str, str], step_seconds: float, devices: str,
+                 drain_seconds: float = 30.0) -> None:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests._worker", str(step_seconds), devices],
+            [sys.executable, "-m", "tests._worker", str(step_seconds), devices,
+             str(drain_seconds)],
             cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=self.log,
             start_new_session=True,
         )

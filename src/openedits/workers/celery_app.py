@@ -14,9 +14,12 @@ owns the device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,7 +93,13 @@ def make_celery(settings: Settings) -> Celery:
         state = _WORKER.get("state")
         if state is None:
             raise RuntimeError("this process has no openedits Runtime (worker_process_init)")
-        execute(state.rt, task_id, state.worker_id)
+        try:
+            execute(state.rt, task_id, state.worker_id)
+        except SystemExit:
+            # The pool process is being stopped (SIGTERM, which billiard turns into
+            # SystemExit here): hand the task back at once rather than leave it to its lease.
+            _hand_back(state, task_id)
+            raise
 
     return app
 
@@ -116,6 +125,8 @@ class WorkerOptions:
     max_memory_per_child_kb: int | None = None
     loglevel: str = "INFO"
     engine_factory: EngineFactory | None = None
+    # SIGTERM: stop taking messages, give running tasks this long, then hand them back.
+    drain_seconds: float = 30.0
 
 
 @dataclass
@@ -126,6 +137,18 @@ class _ProcessState:
 
 # The Runtime of this worker child; set after the fork, read by the task.
 _WORKER: dict[str, _ProcessState] = {}
+
+
+def _hand_back(state: _ProcessState, task_id: str) -> None:
+    """Return a task this process runs to pending, its attempt not counted, for another worker
+    (the row says whether it was still ours: a task that already ended stays ended)."""
+    try:
+        if state.rt.store.release(task_id, state.worker_id):
+            log.warning("task handed back to pending: the worker is stopping",
+                        extra={"task_id": task_id})
+    except Exception:
+        log.exception("handing the task back failed; its lease lapses",
+                      extra={"task_id": task_id})
 
 
 def _child_index() -> int:
@@ -160,10 +183,20 @@ def _close_process() -> None:
         state.rt.close()
 
 
+def _stop_pool_processes() -> None:
+    from billiard.process import active_children
+
+    for child in active_children():
+        if child.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+
 def run_worker(settings: Settings, options: WorkerOptions) -> None:
-    """Run a Celery worker in the foreground until it is stopped (SIGTERM: a warm shutdown that
-    stops consuming and lets running tasks finish)."""
-    from celery.signals import worker_process_init, worker_process_shutdown
+    """Run a Celery worker in the foreground until it is stopped. SIGTERM drains: no new
+    messages, running tasks get `options.drain_seconds` to finish, then those still running go
+    back to pending (their attempt not counted) for another worker."""
+    from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
     from openedits.store.database import create_db_engine, migrate
 
@@ -174,12 +207,21 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
 
     app = make_celery(settings)
 
+    def on_shutting_down(**_: Any) -> None:
+        # SIGTERM is Celery's warm shutdown: no new messages, and it would wait for running
+        # tasks forever. Give them the drain time, then stop the pool processes, which hand
+        # their tasks back to pending (_hand_back) for another worker.
+        timer = threading.Timer(options.drain_seconds, _stop_pool_processes)
+        timer.daemon = True
+        timer.start()
+
     def on_init(**_: Any) -> None:
         _init_process(settings, options)
 
     def on_shutdown(**_: Any) -> None:
         _close_process()
 
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     worker_process_init.connect(on_init, weak=False)
     worker_process_shutdown.connect(on_shutdown, weak=False)
     argv = [

@@ -90,6 +90,14 @@ class CeleryDispatcher:
             with self._lock:
                 self._unsent[task_id] = priority
 
+    def ready(self) -> str | None:
+        """None when the broker answers; else a sentence saying it does not (readiness)."""
+        try:
+            self._client().ping()
+        except Exception as exc:
+            return f"the broker (OPENEDITS_BROKER_URL) does not answer: {type(exc).__name__}"
+        return None
+
     # --- publishing
 
     def _publish(self, task_id: str, priority: int) -> bool:
@@ -121,7 +129,7 @@ class CeleryDispatcher:
 
             assert self.rt.settings.broker_url is not None
             self._redis = redis.Redis.from_url(
-                self.rt.settings.broker_url, socket_timeout=5, socket_connect_timeout=5
+                self.rt.settings.broker_url, socket_timeout=2, socket_connect_timeout=2
             )
         return self._redis
 
