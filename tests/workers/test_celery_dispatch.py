@@ -3,6 +3,9 @@ re-published (a dead worker's task, an empty Redis, a message lost any other way
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from tests.conftest import data_uri, fresh_postgres
 from tests.engines.contract import make_test_image
 from tests.fakes import FakeClock, FakeEngine
 from tests.scale._fleet import REDIS_URL, flush_redis, needs_services
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.services, needs_services]
 
@@ -111,3 +115,40 @@ def test_a_dead_workers_task_is_requeued_and_published(
     assert row is not None and row.state is TaskState.pending
     assert dispatcher.queue_size() == 1
     assert execute(rt, task_id, "w") is TaskState.succeeded
+
+
+def _redis_server(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def test_submits_while_the_broker_is_down_wait_for_the_reaper(tmp_path: Path) -> None:
+    port = free_port()
+    with fresh_postgres() as db_url:
+        settings = Settings(broker_url=f"redis://127.0.0.1:{port}/0", database_url=db_url,
+                            blobs_url=f"file://{tmp_path / 'files'}")
+        rt = Runtime.build(settings, engine=FakeEngine(), bus=EventBus())
+        dispatcher = CeleryDispatcher(rt)
+        ids = [_pending(rt, i) for i in range(3)]
+        started = time.monotonic()
+        for task_id in ids:
+            dispatcher.submit(task_id, 1)  # the first fails; the others skip the broker
+        assert time.monotonic() - started < 20
+        assert set(dispatcher._unsent) == set(ids)
+        server = _redis_server(port, tmp_path)  # the broker is back
+        try:
+            dispatcher.reap_once()
+            assert dispatcher._unsent == {}
+            assert dispatcher.queue_size() >= 3
+        finally:
+            server.terminate()
+            server.wait(10)
+            rt.close()

@@ -39,6 +39,9 @@ broker lost its data, and with it the queued messages."""
 _PURGE_EVERY = 3600.0
 # A pending task this many reaper intervals old, with the queue empty, lost its message.
 _STALE_INTERVALS = 3
+# After a failed publish, submits skip the broker this long (their ids wait for the reaper), so
+# a broker that is down costs each submit nothing rather than a connect timeout.
+_BACKOFF = 2.0
 
 
 class CeleryDispatcher:
@@ -57,6 +60,7 @@ class CeleryDispatcher:
         self._lock = threading.Lock()
         self._unsent: dict[str, int] = {}
         self._redis: Any = None
+        self._quiet_until = 0.0
 
     # --- the Dispatcher protocol
 
@@ -86,7 +90,7 @@ class CeleryDispatcher:
     def submit(self, task_id: str, priority: int) -> None:
         """Publish the task id (the row is committed). A failure is kept and retried by the
         reaper; the task is accepted either way, since the store holds it."""
-        if not self._publish(task_id, priority):
+        if time.monotonic() < self._quiet_until or not self._publish(task_id, priority):
             with self._lock:
                 self._unsent[task_id] = priority
 
@@ -112,9 +116,11 @@ class CeleryDispatcher:
                 retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
             )
         except Exception as exc:
+            self._quiet_until = time.monotonic() + _BACKOFF
             log.warning("publishing a task to the broker failed (%s); the reaper retries",
                         exc, extra={"task_id": task_id})
             return False
+        self._quiet_until = 0.0  # the broker answers again
         return True
 
     def _republish(self, found: list[tuple[str, int]], why: str) -> None:
@@ -154,8 +160,13 @@ class CeleryDispatcher:
         reap_expired(self.rt, on_requeued=republish_requeued)
         with self._lock:
             unsent, self._unsent = self._unsent, {}
-        for task_id, priority in unsent.items():
-            self.submit(task_id, priority)
+        for task_id, priority in list(unsent.items()):
+            # Straight to the broker: the reaper is where the back-off ends.
+            if not self._publish(task_id, priority):
+                with self._lock:
+                    self._unsent.update(unsent)
+                break
+            del unsent[task_id]
         now = self.rt.clock()
         if self._client().set(BROKER_MARKER, secrets.token_hex(8), nx=True):
             # First start against this broker, or it came back empty: whatever it held is gone.

@@ -22,6 +22,9 @@ loop wakes on them) and the progress of the few it streams; the messages are ten
 # A failed publish is logged at most this often: Redis down must not flood the log.
 _LOG_EVERY = 60.0
 _RECONNECT_MAX = 2.0
+# After a failed publish, events are not sent for this long: a Redis that is down must not
+# stall the engine's thread for a connect timeout at every progress step.
+_BACKOFF = 2.0
 
 
 def encode_event(event: TaskEvent, node: str) -> str:
@@ -72,6 +75,7 @@ class RedisEventBus(EventBus):
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_failure_log = -_LOG_EVERY
+        self._quiet_until = 0.0
 
     def start(self) -> None:
         """Begin listening for other processes' events (no-op when `listen` is off)."""
@@ -94,10 +98,13 @@ class RedisEventBus(EventBus):
     def publish(self, event: TaskEvent) -> None:
         """Deliver locally, then to Redis for the other processes."""
         super().publish(event)
+        if time.monotonic() < self._quiet_until:
+            return
         try:
             self._client.publish(CHANNEL, encode_event(event, self.node))
         except Exception as exc:
             now = time.monotonic()
+            self._quiet_until = now + _BACKOFF
             if now - self._last_failure_log >= _LOG_EVERY:
                 self._last_failure_log = now
                 log.warning("publishing a task event to Redis failed (%s); views fall back "
