@@ -200,7 +200,9 @@ def _wait_ended(database_url: str, ids: list[str], timeout: float) -> list[tuple
 
 
 def _throughput(env: dict[str, str], url: str, database_url: str, workers: int, hold: float,
-                per_worker: int, tmp: Path, uri: str) -> float:
+                per_worker: int, tmp: Path, uri: str) -> tuple[float, float, float]:
+    """Tasks per second, and the mean seconds per task lost inside the task (beyond the hold)
+    and between tasks (a worker idle while a queue waits)."""
     proc = _start([sys.executable, __file__, "--worker", str(workers), "--hold", str(hold)],
                   env, tmp / f"worker-{workers}.log")
     try:
@@ -211,7 +213,10 @@ def _throughput(env: dict[str, str], url: str, database_url: str, workers: int, 
     finally:
         _stop(proc)
     makespan = max(f for _, f in spans) - min(s for s, _ in spans)
-    return len(ids) / makespan
+    busy = sum(f - s for s, f in spans)
+    inside = busy / len(spans) - hold
+    between = max(0.0, makespan * workers - busy) / len(spans)
+    return len(ids) / makespan, inside, between
 
 
 def _latency(env: dict[str, str], url: str, database_url: str, tmp: Path, uri: str,
@@ -289,12 +294,14 @@ def main() -> None:
                   f"{args.tasks_per_worker} tasks per worker")
             worst = 1.0
             for workers in [int(w) for w in args.workers.split(",")]:
-                rate = _throughput(env, url, database_url, workers, args.hold,
-                                   args.tasks_per_worker, tmp, uri)
+                rate, inside, between = _throughput(env, url, database_url, workers, args.hold,
+                                                    args.tasks_per_worker, tmp, uri)
                 ideal = workers / args.hold
                 worst = min(worst, rate / ideal)
                 print(f"{workers} worker(s): {rate:6.2f} tasks/s, ideal {ideal:5.2f}, "
-                      f"ratio {rate / ideal:.3f} (goal >= 0.9)")
+                      f"ratio {rate / ideal:.3f} (goal >= 0.9); per task "
+                      f"{inside * 1000:.0f} ms inside the task beyond the hold, "
+                      f"{between * 1000:.0f} ms between tasks")
             latencies = _latency(env, url, database_url, tmp, uri, args.latency_tasks)
             if latencies:
                 ms = sorted(x * 1000 for x in latencies)
