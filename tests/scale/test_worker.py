@@ -143,3 +143,66 @@ def test_sigterm_hands_a_running_task_back_at_once(tmp_path: Path, image) -> Non
         finally:
             worker.stop()
             api.stop()
+
+
+class _Stopped(FakeEngine):
+    """Stopped mid-edit, as billiard stops a pool process on SIGTERM (a SystemExit)."""
+
+    def edit(self, *args: Any, **kwargs: Any) -> Any:
+        raise SystemExit(-241)
+
+
+@pytest.mark.parametrize("engine_class", [FakeEngine, _Stopped])
+def test_a_pool_process_runs_its_task_or_hands_it_back(tmp_path: Path, image,
+                                                       engine_class: type[FakeEngine]) -> None:
+    flush_redis()
+    with fresh_postgres() as db_url:
+        settings = _settings(db_url, tmp_path)
+        options = WorkerOptions(devices=["cpu"], engine_factory=lambda _s: engine_class())
+        celery_app._init_process(settings, options)
+        state = celery_app._WORKER["state"]
+        try:
+            assert state.rt.settings.device == "cpu" and state.worker_id.endswith(":cpu")
+            from openedits.store.tasks import NewTask
+
+            task_id = "00000009-0000-0000-0000-000000000000"
+            state.rt.store.create(NewTask(id=task_id, owner="o", trace_id="t", request={},
+                                          priority=1, base_url="http://h/"),
+                                  {"image_url": data_uri(image), "prompt": "x"})
+            run = make_celery(settings).tasks["openedits.run"]
+            if engine_class is _Stopped:
+                with pytest.raises(SystemExit):
+                    run.run(task_id)
+                row = state.rt.store.get(task_id)
+                assert row is not None and (row.state.value, row.attempts) == ("pending", 0)
+            else:
+                run.run(task_id)
+                row = state.rt.store.get(task_id)
+                assert row is not None and row.state.value == "succeeded"
+        finally:
+            celery_app._close_process()
+        assert "state" not in celery_app._WORKER
+
+
+def test_the_reaper_thread_republishes_and_drain_stops_it(tmp_path: Path, image) -> None:
+    flush_redis()
+    with fresh_postgres() as db_url:
+        settings = _settings(db_url, tmp_path, reaper_interval_seconds=0.1)
+        rt = Runtime.build(settings, engine=FakeEngine())
+        from openedits.store.tasks import NewTask
+
+        rt.store.create(NewTask(id="0000000a-0000-0000-0000-000000000000", owner="o",
+                                trace_id="t", request={}, priority=1, base_url="http://h/"),
+                        {"image_url": data_uri(image), "prompt": "x"})
+        dispatcher = CeleryDispatcher(rt)
+        dispatcher.start()  # the broker has no marker: the pending task goes out again
+        try:
+            deadline = time.monotonic() + 10
+            while dispatcher.queue_size() == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert dispatcher.queue_size() == 1
+        finally:
+            dispatcher.drain(1.0)
+        assert dispatcher._thread is None
+        dispatcher.stop()  # again: harmless
+        rt.close()

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from openedits.engines.base import Engine
     from openedits.runtime import Runtime
 
-__all__ = ["QUEUE", "TASK_NAME", "WorkerOptions", "execute", "make_celery", "run_worker"]
+__all__ = [
+    "QUEUE", "TASK_NAME", "WorkerOptions", "execute", "make_celery", "run_message", "run_worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +88,26 @@ def make_celery(settings: Settings) -> Celery:
         task_default_priority=1,
     )
 
-    @app.task(  # type: ignore[untyped-decorator]
-        name=TASK_NAME, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+    # One module-level function for every app made here, so a process that makes several (the
+    # tests) registers the same callable each time.
+    app.task(name=TASK_NAME, ignore_result=True, acks_late=True, reject_on_worker_lost=True)(
+        run_message
     )
-    def run(task_id: str) -> None:
-        state = _WORKER.get("state")
-        if state is None:
-            raise RuntimeError("this process has no openedits Runtime (worker_process_init)")
-        try:
-            execute(state.rt, task_id, state.worker_id)
-        except SystemExit:
-            # The pool process is being stopped (SIGTERM, which billiard turns into
-            # SystemExit here): hand the task back at once rather than leave it to its lease.
-            _hand_back(state, task_id)
-            raise
-
     return app
+
+
+def run_message(task_id: str) -> None:
+    """The Celery task: run the task this message names, in this pool process's Runtime."""
+    state = _WORKER.get("state")
+    if state is None:
+        raise RuntimeError("this process has no openedits Runtime (worker_process_init)")
+    try:
+        execute(state.rt, task_id, state.worker_id)
+    except SystemExit:
+        # The pool process is being stopped (SIGTERM, which billiard turns into SystemExit
+        # here): hand the task back at once rather than leave it to its lease.
+        _hand_back(state, task_id)
+        raise
 
 
 def execute(rt: Runtime, task_id: str, worker_id: str) -> TaskState | None:
