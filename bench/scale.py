@@ -7,7 +7,7 @@ ones). Prints, for 1, 2 and 4 workers, tasks per second and its ratio to the ide
 (workers ÷ hold time; goal ≥ 0.9 each), then the latency from a worker's progress step to the
 line that carries it on an NDJSON stream at the API node (goal: median < 100 ms).
 
-    .venv/bin/python bench/scale.py [--hold 1.0] [--tasks-per-worker 8] [--workers 1,2,4]
+    .venv/bin/python bench/scale.py [--hold 1.0] [--tasks-per-worker 12] [--workers 1,2,4]
 
 Needs the scale extra and the three servers' programs (what ./scripts/test installs); imports
 nothing from tests/.
@@ -266,7 +266,7 @@ def _run_worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hold", type=float, default=1.0, help="seconds an edit holds a device")
-    parser.add_argument("--tasks-per-worker", type=int, default=8)
+    parser.add_argument("--tasks-per-worker", type=int, default=12)
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--latency-tasks", type=int, default=5)
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
