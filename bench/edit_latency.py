@@ -132,7 +132,7 @@ def _encoders(label: str, variants: list[Image.Image]) -> None:
     print(f"encoding the 5 result files of {label} ({variants[0].width} px), one thread:")
     rows = [("Pillow PNG level 1 (before)", _pillow_png, True),
             ("OpenCV PNG level 1", _opencv_png, True),
-            ("openedits PNG (grid spliced)", _ours("png"), True),
+            ("openedits PNG", _ours("png"), True),
             ("openedits webp (q 90)", _ours("webp"), False),
             ("openedits jpeg (q 90)", _ours("jpeg"), False)]
     baseline = None

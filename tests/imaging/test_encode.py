@@ -31,8 +31,13 @@ def test_png_is_lossless(size: tuple[int, int]) -> None:
         assert np.array_equal(_pixels(encode_png(image)), np.asarray(image))
 
 
-def test_the_spliced_grid_equals_the_tiled_grid() -> None:
+@pytest.mark.parametrize("first", ["noise", "smooth"])
+def test_the_grid_equals_the_tiled_grid(first: str) -> None:
+    # Noisy content takes the spliced path (the grid from the variants' deflated rows),
+    # smooth content the whole one (deflated twice); both must give the same pixels.
     variants = [_noise((33, 20), i) for i in range(3)] + [make_test_image((33, 20))]
+    if first == "smooth":
+        variants.reverse()
     files = encode_results(variants)
     assert files.grid[0] == "grid.png" and files.grid[2] == "image/png"
     assert files.grid_size == (66, 40)
@@ -43,9 +48,11 @@ def test_the_spliced_grid_equals_the_tiled_grid() -> None:
 
 
 def test_variants_nobody_links_are_not_encoded() -> None:
-    files = encode_results([make_test_image((16, 16))] * 4, singles=False)
+    variants = [_noise((16, 16), 5), make_test_image((16, 16))] * 2
+    files = encode_results(variants, singles=False)
     assert files.singles == []
     assert files.grid[0] == "grid.png"
+    assert np.array_equal(_pixels(files.grid[1]), np.asarray(make_grid(variants)))
 
 
 @pytest.mark.parametrize(("fmt", "name", "content_type", "pil"),

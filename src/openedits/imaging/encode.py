@@ -5,18 +5,20 @@ by Pillow: every row is filtered with PNG's "Up" filter in one numpy operation (
 five filters per row) and deflated at level 1. Each variant row is deflated on its own (a full
 flush: no reference outside the row), so the grid, whose rows are two variant rows side by
 side, is spliced from the variants' compressed rows instead of being encoded a second time.
-The files are ordinary PNGs that decode to exactly the pixels given.
+When rows deflate almost for free (smooth content) the grid is deflated whole instead, in
+bands side by side. The files are ordinary PNGs that decode to exactly the pixels given.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -24,6 +26,7 @@ from PIL import Image
 __all__ = ["FORMATS", "EncodedResults", "OutputFormat", "encode_png", "encode_results"]
 
 OutputFormat = Literal["png", "webp", "jpeg"]
+Mapper = Callable[..., Iterable[Any]]  # map, or an executor's map
 FORMATS: dict[str, tuple[str, str]] = {
     "png": (".png", "image/png"),
     "webp": (".webp", "image/webp"),
@@ -32,9 +35,9 @@ FORMATS: dict[str, tuple[str, str]] = {
 _DEFAULT_QUALITY = {"webp": 90, "jpeg": 90}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NONE, _UP = 0, 2
-# zlib's default memory level: smaller ones made photo rows slower and larger (measured with
-# bench/edit_latency.py's encoder table), though a full flush after every row clears the table.
-_MEM_LEVEL = 8
+# memLevel 5: a full flush after every row clears the hash table, so a smaller one than zlib's
+# default (8) costs less per row; below 5, photo rows came out larger and slower (measured).
+_MEM_LEVEL = 5
 
 
 @dataclass(frozen=True)
@@ -46,17 +49,18 @@ class EncodedResults:
     grid_size: tuple[int, int]
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(
-        ">I", zlib.crc32(data, zlib.crc32(kind))
-    )
+def _chunk(kind: bytes, *parts: bytes) -> list[bytes]:
+    crc = zlib.crc32(kind)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [struct.pack(">I", sum(map(len, parts))), kind, *parts, struct.pack(">I", crc)]
 
 
 def _png(width: int, height: int, deflated: bytes, adler: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    stream = b"\x78\x01" + deflated + struct.pack(">I", adler)
-    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", stream) + _chunk(
-        b"IEND", b""
+    idat = _chunk(b"IDAT", b"\x78\x01", deflated, struct.pack(">I", adler))
+    return b"".join(
+        [_PNG_SIGNATURE, *_chunk(b"IHDR", header), *idat, *_chunk(b"IEND")]
     )
 
 
@@ -71,53 +75,136 @@ def _raw_deflate(data: bytes) -> bytes:
 _FILTER_BYTE = {f: _raw_deflate(bytes([f])) for f in (_NONE, _UP)}
 
 
+def _up_filter(rgb: np.ndarray, out: np.ndarray) -> None:
+    """PNG scanlines of `rgb` into `out` (height x (1 + width * 3) bytes, or a column range
+    of it after the first column): row 0 unfiltered, every other row Up-filtered."""
+    flat = rgb.reshape(rgb.shape[0], -1)
+    out[0] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=out[1:])  # uint8 wraps modulo 256, as PNG's Up
+
+
+def _lines(rgb: np.ndarray) -> np.ndarray:
+    """The PNG scanlines of one image: the filter-type byte, then the filtered row."""
+    height, width = rgb.shape[:2]
+    lines = np.empty((height, 1 + width * 3), np.uint8)
+    lines[:, 0] = _UP
+    lines[0, 0] = _NONE
+    _up_filter(rgb, lines[:, 1:])
+    return lines
+
+
+def _grid_lines(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The PNG scanlines of the 2x2 grid, filtered straight from the four variants."""
+    height, width = arrays[0].shape[:2]
+    span = width * 3
+    lines = np.empty((2 * height, 1 + 2 * span), np.uint8)
+    lines[:, 0] = _UP
+    for band in (0, 1):
+        rows = lines[band * height : (band + 1) * height]
+        rows[0, 0] = _NONE  # each band's first row unfiltered, as in the variants
+        _up_filter(arrays[2 * band], rows[:, 1 : 1 + span])
+        _up_filter(arrays[2 * band + 1], rows[:, 1 + span :])
+    return lines
+
+
+def _deflate(data: memoryview) -> bytes:
+    """A raw deflate fragment of `data` that ends on a full flush (placeable anywhere)."""
+    c = zlib.compressobj(1, zlib.DEFLATED, -15, 8)
+    return c.compress(data) + c.flush(zlib.Z_FULL_FLUSH)
+
+
+def _whole(lines: np.ndarray, mapper: Mapper, parts: int = 1) -> bytes:
+    """A PNG of scanlines `lines`, deflated in `parts` bands side by side on `mapper`."""
+    height = lines.shape[0]
+    cuts = [height * i // parts for i in range(parts + 1)]
+    bands = [lines[a:b].reshape(-1).data for a, b in itertools.pairwise(cuts) if b > a]
+    deflated = b"".join(mapper(_deflate, bands)) + b"\x03\x00"  # an empty final block
+    width = (lines.shape[1] - 1) // 3
+    return _png(width, height, deflated, zlib.adler32(lines.data))
+
+
 @dataclass(frozen=True)
 class _Rows:
-    """One image's rows, Up-filtered (row 0 unfiltered) and each deflated on its own."""
+    """One image's scanlines, each row's pixels deflated on its own (for splicing)."""
 
-    filtered: np.ndarray  # height x (width * 3), the bytes after the filter-type byte
+    lines: np.ndarray
     segments: list[bytes]
 
 
 def _rows(rgb: np.ndarray) -> _Rows:
-    height = rgb.shape[0]
-    flat = rgb.reshape(height, -1)
-    filtered = np.empty_like(flat)
-    filtered[0] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=filtered[1:])  # uint8: wraps modulo 256, as PNG's Up
-    c = zlib.compressobj(1, zlib.DEFLATED, -15, _MEM_LEVEL)
-    segments = []
+    lines = _lines(rgb)
+    # Huffman codes only: in filtered photo rows LZ77 finds little to match, so looking for
+    # matches cost about twice the time and gave larger files (measured).
+    c = zlib.compressobj(1, zlib.DEFLATED, -15, _MEM_LEVEL, zlib.Z_HUFFMAN_ONLY)
     full = zlib.Z_FULL_FLUSH
-    for row in filtered:
-        segments.append(c.compress(row.data) + c.flush(full))
-    return _Rows(filtered, segments)
+    # Slicing one memoryview is far cheaper per row than slicing the array.
+    view, step = lines.reshape(-1).data, lines.shape[1]
+    segments = [
+        c.compress(view[y * step + 1 : (y + 1) * step]) + c.flush(full)
+        for y in range(lines.shape[0])
+    ]
+    return _Rows(lines, segments)
 
 
-def _assemble(width: int, height: int, row_lists: Sequence[Sequence[_Rows]]) -> bytes:
+def _spliced(width: int, height: int, bands: Sequence[Sequence[_Rows]]) -> bytes:
     """A PNG whose row y is the rows y of the images of one band side by side, band after
-    band (each band one list of same-height images)."""
+    band (each band one list of same-height images), from their deflated rows."""
     parts: list[bytes] = []
     adler = 1
-    for band in row_lists:
-        rows = band[0].filtered.shape[0]
-        filtered = np.hstack([r.filtered for r in band])
-        body = np.empty((rows, filtered.shape[1] + 1), np.uint8)
-        body[:, 0] = _UP
-        body[0, 0] = _NONE  # the band's first row is unfiltered, whatever lies above it
-        body[:, 1:] = filtered
-        adler = zlib.adler32(body.data, adler)
-        for y in range(rows):
-            parts.append(_FILTER_BYTE[_NONE if y == 0 else _UP])
+    for band in bands:
+        first, rest = band[0], band[1:]
+        step = first.lines.shape[1]
+        if not rest:
+            adler = zlib.adler32(first.lines.data, adler)
+        else:
+            # The grid's rows: the first image's line (with its filter byte), then the others'
+            # pixels; the checksum is taken over them in place, without a copy.
+            views = [r.lines.reshape(-1).data for r in band]
+            for y in range(first.lines.shape[0]):
+                at = y * step
+                adler = zlib.adler32(views[0][at : at + step], adler)
+                for v in views[1:]:
+                    adler = zlib.adler32(v[at + 1 : at + step], adler)
+        for y, kind in enumerate(first.lines[:, 0].tolist()):
+            parts.append(_FILTER_BYTE[kind])
             parts.extend(r.segments[y] for r in band)
-    # An empty final block closes the stream.
-    parts.append(b"\x03\x00")
+    parts.append(b"\x03\x00")  # an empty final block closes the stream
     return _png(width, height, b"".join(parts), adler)
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """A lossless RGB PNG of `image`."""
-    rgb = np.asarray(image.convert("RGB"))
-    return _assemble(rgb.shape[1], rgb.shape[0], [[_rows(rgb)]])
+def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """A lossless RGB PNG of `image` (or of an height x width x 3 uint8 array)."""
+    return _whole(_lines(_rgb(image)), map)
+
+
+def _png_files(
+    arrays: list[np.ndarray], singles: bool, mapper: Mapper
+) -> tuple[bytes, list[bytes]]:
+    """The grid and (when `singles`) the variants as PNG, the cheapest way for the content.
+
+    Deflating a row on its own costs a block (a few microseconds of Huffman tables) per row,
+    which pays off only when rows are expensive to deflate (photos): then the grid is spliced
+    from the variants' rows instead of deflated a second time. Content that deflates almost
+    for free (flat or smooth: most filtered bytes zero) is deflated whole, twice.
+    """
+    height, width = arrays[0].shape[:2]
+    if singles:
+        sample = arrays[0][:: max(1, height // 64)]
+        smooth = np.count_nonzero(np.diff(sample, axis=0)) < 0.5 * sample[1:].size
+        if not smooth:
+            rows = list(mapper(_rows, arrays))
+            grid = _spliced(2 * width, 2 * height, [rows[:2], rows[2:]])
+            return grid, list(mapper(lambda r: _spliced(width, height, [[r]]), rows))
+        files = list(mapper(lambda a: _whole(_lines(a), map), arrays))
+    else:
+        files = []
+    return _whole(_grid_lines(arrays), mapper, parts=4), files
 
 
 def _pillow(image: Image.Image, fmt: str, quality: int) -> bytes:
@@ -130,41 +217,38 @@ def _pillow(image: Image.Image, fmt: str, quality: int) -> bytes:
 
 
 def encode_results(
-    variants: Sequence[Image.Image],
+    variants: Sequence[Image.Image | np.ndarray],
     *,
     fmt: OutputFormat = "png",
     quality: int | None = None,
     singles: bool = True,
     pool: Executor | None = None,
 ) -> EncodedResults:
-    """Encode the 2x2 grid of four same-size RGB `variants` (reading order) and, when
-    `singles`, each variant as `0_<i>`. `quality` (1-100) applies to webp and jpeg."""
+    """Encode the 2x2 grid of four same-size RGB `variants` (reading order; images or
+    height x width x 3 uint8 arrays) and, when `singles`, each variant as `0_<i>`. `quality`
+    (1-100) applies to webp and jpeg."""
     if len(variants) != 4:
         raise ValueError(f"a grid needs exactly 4 images, got {len(variants)}")
-    if len({v.size for v in variants}) != 1:
-        raise ValueError(f"grid images must share one size, got {[v.size for v in variants]}")
+    arrays = [_rgb(v) for v in variants]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"grid images must share one size, got {[a.shape for a in arrays]}")
     ext, content_type = FORMATS[fmt]
-    width, height = variants[0].size
-    grid_size = (2 * width, 2 * height)
+    height, width = arrays[0].shape[:2]
     mapper = pool.map if pool is not None else map
 
     if fmt == "png":
-        arrays = [np.asarray(v.convert("RGB")) for v in variants]
-        rows = list(mapper(_rows, arrays))
-        grid = _assemble(grid_size[0], grid_size[1], [rows[:2], rows[2:]])
-        files = (
-            list(mapper(lambda r: _assemble(width, height, [[r]]), rows)) if singles else []
-        )
+        grid, files = _png_files(arrays, singles, mapper)
     else:
         q = quality or _DEFAULT_QUALITY[fmt]
         from openedits.imaging.grid import make_grid
 
-        grid_image = make_grid(variants)
-        images = [grid_image, *variants] if singles else [grid_image]
-        encoded = list(mapper(lambda im: _pillow(im, fmt, q), images))
+        images = [Image.fromarray(a, "RGB") for a in arrays]
+        grid_image = make_grid(images)
+        todo = [grid_image, *images] if singles else [grid_image]
+        encoded = list(mapper(lambda im: _pillow(im, fmt, q), todo))
         grid, files = encoded[0], encoded[1:]
     return EncodedResults(
         grid=(f"grid{ext}", grid, content_type),
         singles=[(f"0_{i}{ext}", data, content_type) for i, data in enumerate(files)],
-        grid_size=grid_size,
+        grid_size=(2 * width, 2 * height),
     )

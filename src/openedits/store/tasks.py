@@ -418,6 +418,15 @@ class TaskStore:
             lease_owner=worker_id,
         )
 
+    def most_urgent_pending(self) -> int | None:
+        """The priority of the most urgent pending task no worker holds, or None."""
+        query = select(func.min(tasks.c.priority)).where(
+            tasks.c.state == TaskState.pending.value, self._lease_expired()
+        )
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar_one_or_none()
+        return int(value) if value is not None else None
+
     def cancels_requested(self, task_ids: Collection[str]) -> set[str]:
         """Of `task_ids`, those asked to stop, ended, or gone: a worker holding them waiting
         drops them at once."""

@@ -284,6 +284,11 @@ class InProcessDispatcher:
                     execute(device_rt, job)
                 except Exception as exc:
                     outcome = failed(job, exc)
+                if not self._inputs.held() and self._outputs.empty():
+                    # No task is coming for the device: handing the results to another
+                    # thread would only add a wake-up to this task's latency.
+                    self._finish(job, outcome)
+                    continue
             self._outputs.put((job, outcome))
 
     def _write(self) -> None:
@@ -294,20 +299,23 @@ class InProcessDispatcher:
                 return
             job, outcome = item
             with bind(task_id=job.task_id, trace_id=job.row.trace_id):
+                self._finish(job, outcome)
+
+    def _finish(self, job: Job, outcome: Outcome | None) -> None:
+        try:
+            if outcome is None:
                 try:
-                    if outcome is None:
-                        try:
-                            outcome = Outcome(TaskState.succeeded, deliver(self.rt, job))
-                        except Exception as exc:
-                            outcome = failed(job, exc)
-                    self._leases.drop(job)
-                    if not job.lost.is_set():
-                        conclude(self.rt, job, outcome)
-                except Exception:
-                    log.exception("writing a task's end failed; its lease lapses")
-                finally:
-                    self._leases.drop(job)
-                    self._busy_done(job)
+                    outcome = Outcome(TaskState.succeeded, deliver(self.rt, job))
+                except Exception as exc:
+                    outcome = failed(job, exc)
+            self._leases.drop(job)
+            if not job.lost.is_set():
+                conclude(self.rt, job, outcome)
+        except Exception:
+            log.exception("writing a task's end failed; its lease lapses")
+        finally:
+            self._leases.drop(job)
+            self._busy_done(job)
 
     def _sequential(self, worker_id: str, device_rt: Runtime) -> None:
         """Unstaged: claim, then run start to end on this thread."""

@@ -100,23 +100,31 @@ class InputStage:
         """The most urgent ready job (priority, then the order it was claimed in), or None
         after `timeout` seconds or once halted. It leaves the stage, freeing its slot.
 
-        A more urgent job whose inputs are still being prepared is waited for, briefly
-        (`_URGENT_WAIT`): long enough for ordinary inputs, too short for a hanging URL to
-        hold the device."""
-        deadline = time.monotonic() + timeout
+        A more urgent task, pending in the store or still being prepared, is waited for,
+        briefly (`_URGENT_WAIT`): long enough for ordinary inputs, too short for a hanging
+        URL to hold the device."""
         with self._lock:
             if not self._lock.wait_for(lambda: self._ready or self._halt.is_set(), timeout):
                 return None
-            urgent_until = min(deadline, time.monotonic() + _URGENT_WAIT)
-            while self._ready and self._more_urgent_preparing():
+        urgent_until = time.monotonic() + _URGENT_WAIT
+        while True:
+            with self._lock:
+                if not self._ready:
+                    return None
+                best = self._ready[0][0]
+            pending = self.rt.store.most_urgent_pending() if best > 0 else None
+            with self._lock:
+                if not self._ready:
+                    return None
+                best = self._ready[0][0]
                 left = urgent_until - time.monotonic()
-                if left <= 0:
+                wait = (pending is not None and pending < best) or self._more_urgent_preparing()
+                if not wait or left <= 0 or self._halt.is_set():
+                    _, _, job = heapq.heappop(self._ready)
+                    self._release_slot(job)
                     break
-                self._lock.wait(left)
-            if not self._ready:
-                return None
-            _, _, job = heapq.heappop(self._ready)
-            self._release_slot(job)
+                self._wake.set()  # an input thread reserves the urgent one
+                self._lock.wait(min(left, 0.05))
         self._wake.set()
         return job
 

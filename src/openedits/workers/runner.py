@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from openedits._ids import new_image_id
@@ -213,6 +214,24 @@ def execute(rt: Runtime, job: Job) -> None:
         job.timings["engine"] = time.perf_counter() - t0
 
 
+def _kept_outside_mask(
+    image: Image.Image, variants: list[Image.Image], mask: Image.Image | None
+) -> list[np.ndarray]:
+    """The variants with every pixel outside the mask set back to the input's, as the
+    contract promises whatever the engine did (arrays, ready for the encoder)."""
+    if mask is None or mask.size != image.size or image.mode != "RGB":
+        return [np.asarray(composite(image, v, mask).convert("RGB")) for v in variants]
+    # Thresholded once for the four (Pillow's composite is the fastest way measured).
+    binary = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    out = []
+    for v in variants:
+        if v.size == image.size and v.mode == "RGB":
+            out.append(np.asarray(Image.composite(v, image, binary)))
+        else:
+            out.append(np.asarray(composite(image, v, mask).convert("RGB")))
+    return out
+
+
 def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
     """The results: outside-mask pixels restored, the grid and the variants encoded and
     stored; returns the result body."""
@@ -220,9 +239,7 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
     body, row = job.body, job.row
     t0 = time.perf_counter()
     try:
-        # The contract promises every pixel outside the mask is the input's, whatever the
-        # engine did.
-        variants = [composite(job.image, v, job.mask) for v in job.variants]
+        variants = _kept_outside_mask(job.image, job.variants, job.mask)
         files = encode_results(
             variants,
             fmt=body.output_format,
@@ -231,14 +248,13 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
             singles=body.split_images,
             pool=rt.encoder,
         )
-        stored = [*files.singles, files.grid]
-        keys = [f"{row.id}/{name}" for name, _data, _type in stored]
-        # In parallel: to an object store each put is a network round trip.
-        list(rt.encoder.map(
-            lambda key, item: rt.blobs.put(key, item[1], item[2]), keys, stored
-        ))
-        urls = [rt.blobs.url(key, row.base_url) for key in keys[:-1]]
-        grid_url = rt.blobs.url(keys[-1], row.base_url)
+        # The files are written side by side: a write and its rename wait on the disk, and a
+        # put to an object store is a network round trip.
+        written = [(f"{row.id}/{name}", data, ctype) for name, data, ctype in files.singles]
+        written.append((f"{row.id}/{files.grid[0]}", files.grid[1], files.grid[2]))
+        list(rt.encoder.map(lambda f: rt.blobs.put(*f), written))
+        urls = [rt.blobs.url(key, row.base_url) for key, _, _ in written]
+        grid_url = urls.pop()
         width, height = files.grid_size
         result = EditResult(
             task_id=row.id,
