@@ -188,7 +188,7 @@ class InProcessDispatcher:
 
     def submit(self, task_id: str, priority: int) -> None:
         """Wake an idle worker."""
-        self._inputs.wake()
+        self._inputs.wake(priority)
         self._wake.set()
 
     def drain(self, grace_seconds: float) -> None:
@@ -350,6 +350,7 @@ class InProcessDispatcher:
                 return
             try:
                 if reap_expired(self.rt):
-                    self.submit("", 0)
+                    self._inputs.wake(0)
+                    self._wake.set()
             except Exception:
                 log.exception("reaping expired leases failed")

@@ -22,6 +22,9 @@ __all__ = ["InputStage"]
 log = logging.getLogger(__name__)
 # Seconds the device waits for a more urgent task whose inputs are still being prepared.
 _URGENT_WAIT = 1.0
+# How often the device looks in the store for a more urgent task it was not told of.
+_LOOK_EVERY = 1.0
+_NO_PRIORITY = 1 << 30
 
 
 class InputStage:
@@ -57,6 +60,8 @@ class InputStage:
         self._seq = itertools.count()
         self._workers: list[threading.Thread] = []
         self._on_free = on_free
+        self._submitted = _NO_PRIORITY  # the most urgent priority submitted since a take
+        self._looked = float("-inf")
 
     # --- life
 
@@ -90,9 +95,24 @@ class InputStage:
         for t in self._workers:
             t.join(timeout=timeout)
 
-    def wake(self) -> None:
-        """A task may be pending: let an idle thread look."""
+    def wake(self, priority: int | None = None) -> None:
+        """A task may be pending (of `priority`, when known): let an idle thread look."""
+        if priority is not None:
+            with self._lock:
+                self._submitted = min(self._submitted, priority)
         self._wake.set()
+
+    def _maybe_more_urgent(self, best: int) -> bool:
+        """Whether the store may hold a pending task more urgent than `best`: one was
+        submitted here since the last look, or the last look is a while ago (submits in other
+        processes); saves the device a query per task."""
+        with self._lock:
+            hinted, self._submitted = self._submitted < best, _NO_PRIORITY
+        now = time.monotonic()
+        if hinted or now - self._looked >= _LOOK_EVERY:
+            self._looked = now
+            return True
+        return False
 
     # --- the device's side
 
@@ -107,12 +127,15 @@ class InputStage:
             if not self._lock.wait_for(lambda: self._ready or self._halt.is_set(), timeout):
                 return None
         urgent_until = time.monotonic() + _URGENT_WAIT
+        look = None  # decided once per take: then looked at again until it is resolved
         while True:
             with self._lock:
                 if not self._ready:
                     return None
                 best = self._ready[0][0]
-            pending = self.rt.store.most_urgent_pending() if best > 0 else None
+            if look is None:
+                look = best > 0 and self._maybe_more_urgent(best)
+            pending = self.rt.store.most_urgent_pending() if look and best > 0 else None
             with self._lock:
                 if not self._ready:
                     return None

@@ -202,9 +202,6 @@ def execute(rt: Runtime, job: Job) -> None:
             on_progress=on_progress,
             should_cancel=should_cancel,
         )
-        if should_cancel(force=True):
-            # A cancel that arrived during the last step still wins over the result.
-            raise TaskCancelled("the task was cancelled")
         if len(variants) != VARIANTS:
             raise EngineFailed(
                 f"engine {rt.engine.name} returned {len(variants)} variants, not {VARIANTS}"
@@ -239,6 +236,10 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
     body, row = job.body, job.row
     t0 = time.perf_counter()
     try:
+        # A cancel that arrived during the engine's last step (or while the results waited
+        # for the output stage) still wins over the result. Read here, not on the device.
+        if job.should_stop() or rt.store.cancel_requested(row.id):
+            raise TaskCancelled("the task was cancelled")
         variants = _kept_outside_mask(job.image, job.variants, job.mask)
         files = encode_results(
             variants,
