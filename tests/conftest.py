@@ -5,12 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import os
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
 from openedits.api.app import create_app
 from openedits.engines.base import Engine
@@ -21,6 +25,11 @@ from tests.fakes import FakeEngine
 TOKEN = "test-token"
 TESTCLIENT_HOST = "testserver"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+# The real services scripts/test started (scripts/services.py), read once at import: the autouse
+# fixture below clears every OPENEDITS_* variable before each test.
+SERVICES = {k: v for k, v in os.environ.items() if k.startswith("OPENEDITS_TEST_")}
+POSTGRES_URL = SERVICES.get("OPENEDITS_TEST_POSTGRES_URL")
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +88,32 @@ def client(settings: Settings, engine: Engine) -> Iterator[TestClient]:
     app = create_app(settings, engine=engine)
     with TestClient(app, raise_server_exceptions=False) as tc:
         yield tc
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, and (when scripts/test started PostgreSQL) a
+    database of its own on the test server, so store tests run on both."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db.sqlite'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("PostgreSQL is not running (scripts/test starts it)")
+    with fresh_postgres() as url:
+        yield url
+
+
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """The URL of a new, empty database on the test PostgreSQL server, dropped afterwards."""
+    assert POSTGRES_URL, "PostgreSQL is not running (scripts/test starts it)"
+    name = "t_" + secrets.token_hex(6)
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

@@ -56,8 +56,28 @@ def test_bad_configuration_is_one_line(env: Path, monkeypatch: pytest.MonkeyPatc
     assert "OPENEDITS_UPSTREAM_URL" in result.output
 
 
-def test_a_broker_url_is_refused_not_ignored(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broker_with_a_local_store_is_refused_naming_what_to_set(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENEDITS_BROKER_URL", "redis://127.0.0.1:6379/0")
     result = runner.invoke(app, ["migrate"])
     assert result.exit_code == 2
-    assert "OPENEDITS_BROKER_URL" in result.output and "in-process" in result.output
+    assert "SQLite" in result.output and "OPENEDITS_DATABASE_URL=postgresql" in result.output
+
+
+def test_worker_without_a_broker_says_what_to_set(env: Path) -> None:
+    result = runner.invoke(app, ["worker"])
+    assert result.exit_code == 2
+    assert "OPENEDITS_BROKER_URL" in result.output
+
+
+def test_worker_memory_sizes_parse_to_kilobytes() -> None:
+    from openedits.cli import parse_memory
+
+    assert parse_memory("8GB") == 8 * 1024 * 1024
+    assert parse_memory("512mb") == 512 * 1024
+    assert parse_memory("900000") == 900000
+    with pytest.raises(Exception, match="not a size"):
+        parse_memory("lots")
+
+

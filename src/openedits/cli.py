@@ -1,4 +1,4 @@
-"""The `openedits` command: serve, tokens, migrate, and (from the client package) edit."""
+"""The `openedits` command: serve, worker, tokens, migrate, and (from the client package) edit."""
 
 from __future__ import annotations
 
@@ -72,6 +72,69 @@ def serve(
 
     run_server(create_app(settings), settings, host=host or settings.host,
                port=port or settings.port)
+
+
+def parse_memory(text: str) -> int:
+    """Kilobytes in a size such as `8GB`, `512MB`, `900000KB` or a bare number of kilobytes."""
+    units = {"kb": 1, "k": 1, "mb": 1024, "m": 1024, "gb": 1024**2, "g": 1024**2}
+    cleaned = text.strip().lower().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):
+        if cleaned.endswith(unit) and cleaned[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(cleaned[: -len(unit)]) * units[unit])
+    if cleaned.isdigit():
+        return int(cleaned)
+    raise typer.BadParameter(f"{text!r} is not a size; write one such as 8GB, 512MB or 900000KB")
+
+
+@app.command()
+def worker(
+    device: Annotated[
+        list[str] | None,
+        typer.Option(help="Device(s) to run on, e.g. cuda:1 (repeat or comma-separate for "
+                          "several: one process each). Default: OPENEDITS_DEVICE."),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=64, help="Processes per device.")
+    ] = 1,
+    max_tasks_per_child: Annotated[
+        int | None, typer.Option(min=1, help="Replace a process after this many tasks.")
+    ] = None,
+    max_memory_per_child: Annotated[
+        str | None,
+        typer.Option(help="Replace a process after a task leaves it above this resident "
+                          "memory (e.g. 8GB)."),
+    ] = None,
+    drain_seconds: Annotated[
+        float | None,
+        typer.Option(min=0, help="On SIGTERM, running tasks get this long to finish; then they "
+                                 "go back to pending for another worker (default: "
+                                 "OPENEDITS_DRAIN_SECONDS)."),
+    ] = None,
+) -> None:
+    """Run Celery workers that execute tasks (needs OPENEDITS_BROKER_URL)."""
+    settings = _settings()
+    if not settings.broker_url:
+        typer.echo(
+            "openedits: worker needs OPENEDITS_BROKER_URL=redis://host:6379/0 (and the "
+            "PostgreSQL and S3 settings the API nodes use); without a broker, `openedits serve` "
+            "runs tasks itself",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _configure_logging(settings)
+    from openedits.workers.celery_app import WorkerOptions, run_worker
+
+    devices = [d.strip() for item in device or [] for d in item.split(",") if d.strip()]
+    options = WorkerOptions(
+        devices=devices or settings.devices,
+        concurrency=concurrency,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child_kb=parse_memory(max_memory_per_child)
+        if max_memory_per_child else None,
+        loglevel=settings.log_level.upper(),
+        drain_seconds=settings.drain_seconds if drain_seconds is None else drain_seconds,
+    )
+    run_worker(settings, options)
 
 
 @app.command()

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     blobs_url: str | None = None
     public_url: str | None = None
     retention_days: float = 30.0
+    # S3 results: links at this base (a CDN or public bucket), else presigned for this many
+    # seconds (0: links point at this server's /files/..., which reads the bucket).
+    blobs_public_url: str | None = None
+    blobs_presign_seconds: int = Field(default=0, ge=0, le=7 * 86400)
+    blobs_addressing_style: Literal["path", "virtual", "auto"] = "path"
 
     # --- workers and queue
     broker_url: str | None = None
@@ -51,6 +56,9 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(default=5.0, gt=0)
     sync_timeout_seconds: float = Field(default=900.0, gt=0)
     queue_max: int = Field(default=1000, ge=1)
+    # Celery over Redis: a message not acknowledged within this time is handed out again, so it
+    # must exceed the longest task (tasks are stopped a minute before it).
+    visibility_timeout_seconds: float = Field(default=7200.0, ge=120)
 
     # --- engines
     engine: Literal["auto", "opencv", "diffusers", "upstream"] = "auto"
@@ -137,12 +145,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
         if self.broker_url:
-            # Refused rather than ignored: silently running the engine in the API process
-            # while the operator thinks workers elsewhere do it would be worse.
-            raise ValueError(
-                "OPENEDITS_BROKER_URL is set, but Celery workers are not available in this "
-                "version; unset it to run tasks on in-process workers"
-            )
+            self._check_scale_out()
         if self.engine == "upstream" and not self.upstream_url:
             raise ValueError(
                 "OPENEDITS_ENGINE=upstream needs OPENEDITS_UPSTREAM_URL (the server to forward to)"
@@ -158,6 +161,50 @@ class Settings(BaseSettings):
                 "(a local diffusers folder or a hub id)"
             )
         return self
+
+    def _check_scale_out(self) -> None:
+        """Refuse, at start, a broker configuration whose parts cannot be shared by processes
+        on other machines, saying what to set instead."""
+        assert self.broker_url is not None
+        if not self.broker_url.startswith(("redis://", "rediss://")):
+            raise ValueError(
+                f"OPENEDITS_BROKER_URL={self.broker_url!r} is not a Redis URL; set "
+                "redis://host:6379/0 (or rediss:// for TLS), or unset it for in-process workers"
+            )
+        if self.resolved_database_url.startswith("sqlite"):
+            raise ValueError(
+                "OPENEDITS_BROKER_URL is set but the task store is SQLite, a file that API nodes "
+                "and workers on other machines cannot share; set OPENEDITS_DATABASE_URL="
+                "postgresql+psycopg://user:password@host:5432/openedits"
+            )
+        if not self.blobs_url:
+            raise ValueError(
+                "OPENEDITS_BROKER_URL is set but results would go to a local folder that API "
+                "nodes on other machines cannot read; set OPENEDITS_BLOBS_URL=s3://bucket/prefix "
+                "(with AWS_ENDPOINT_URL and keys for a non-AWS store), or "
+                "OPENEDITS_BLOBS_URL=file:///path if every node mounts the same shared folder"
+            )
+        if self.lease_seconds * 2 >= self.visibility_timeout_seconds:
+            raise ValueError(
+                f"OPENEDITS_VISIBILITY_TIMEOUT_SECONDS={self.visibility_timeout_seconds:g} must "
+                f"be well above OPENEDITS_LEASE_SECONDS={self.lease_seconds:g} (the lease brings "
+                "back a dead worker's task; the visibility timeout is only the broker's backstop)"
+            )
+        if self.rate_limit_storage_url == "memory://":
+            # Counters in one node's memory would give each API node its own budget.
+            self.rate_limit_storage_url = self.broker_url
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices OPENEDITS_DEVICE lists (`cuda:0,cuda:1`): one engine copy and one
+        worker each."""
+        found = [d.strip() for d in self.device.split(",") if d.strip()]
+        return found or ["auto"]
+
+    @property
+    def scale_out(self) -> bool:
+        """True when tasks go to Celery workers (this process is an API node or a worker)."""
+        return bool(self.broker_url)
 
     @property
     def bootstrap_tokens(self) -> list[str]:

@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> TaskStore:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def store(db_url: str, clock: FakeClock) -> Iterator[TaskStore]:
+    engine = create_db_engine(db_url)
     migrate(engine)
-    return TaskStore(engine, clock=clock)
+    yield TaskStore(engine, clock=clock)
+    engine.dispose()
 
 
 def _new(i: int, priority: int = 1) -> NewTask:
@@ -338,3 +340,19 @@ def test_a_dead_workers_reservation_lapses(store: TaskStore, clock: FakeClock) -
     assert store.requeue_expired(3) == ([], [row.id])
     assert store.fail_expired(row.id, {"success": False}, 500)
     assert store.get(row.id).state is TaskState.failed
+
+
+def test_an_idempotency_key_names_one_task_per_owner(store: TaskStore) -> None:
+    def keyed(i: int, owner: str) -> NewTask:
+        return NewTask(id=f"{i:08d}-0000-0000-0000-00000000000k", owner=owner, trace_id=f"k{i}",
+                       request={}, priority=1, base_url="http://h/", idempotency_key="same",
+                       request_hash="h")
+
+    first = store.create(keyed(1, "o"), {})
+    with pytest.raises(Exception) as raised:
+        store.create(keyed(2, "o"), {})
+    assert store.is_duplicate_key_error(raised.value)
+    assert store.get_by_idempotency_key("o", "same") == first
+    # Another owner's identical key is its own.
+    assert store.create(keyed(3, "p"), {}).owner == "p"
+    assert store.get(keyed(2, "o").id) is None

@@ -7,10 +7,9 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from email.utils import formatdate
-from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from standardwebhooks import Webhook
 
 from openedits.settings import Settings
@@ -37,8 +36,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def db(db_url: str) -> Iterator[Engine]:
+    engine = create_db_engine(db_url)
     migrate(engine)
     yield engine
     engine.dispose()
@@ -224,13 +223,21 @@ def test_several_processes_never_claim_the_same_attempt(db: Engine, clock: FakeC
 
     def node(name: str) -> None:
         # Each node has its own engine: its own connection pool, as a separate process would.
-        engine = create_db_engine(str(db.url))
+        engine = create_db_engine(db.url.render_as_string(hide_password=False))
         outbox = Outbox(engine, clock=clock)
         start.wait()
-        for _ in range(5):
+        # Until nothing is due: a pass can come back empty-handed while others still claim
+        # (all its candidates were taken), and on PostgreSQL the nodes truly run at once.
+        for _ in range(200):
             for c in outbox.claim_due(name, limit=7, lease_seconds=60):
                 with lock:
                     claims.append((c.delivery.id, c.number))
+            with engine.connect() as conn:
+                due = conn.execute(text(
+                    "SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' "
+                    "AND next_attempt_at <= :now"), {"now": clock()}).scalar_one()
+            if not due:
+                break
         engine.dispose()
 
     threads = [threading.Thread(target=node, args=(f"n{i}",)) for i in range(4)]

@@ -46,7 +46,7 @@ def create_app(
     and Settings come from the environment."""
     settings = settings or Settings()
     rt = runtime or Runtime.build(settings, engine=engine)
-    disp = dispatcher or InProcessDispatcher(rt)
+    disp = dispatcher or _default_dispatcher(rt)
     metrics = Metrics()
     # Finishes are counted where tasks run: an API node whose bus relays its workers' events
     # would count each of them again (the workers export their own).
@@ -146,3 +146,13 @@ def _readiness(
 
     lifecycle.add_check("engine", engine)
     return None if rt.engine.info().loaded else load
+
+
+def _default_dispatcher(rt: Runtime) -> Dispatcher:
+    """Celery workers when a broker is configured (this process is then an API node), else
+    in-process worker threads."""
+    if rt.settings.broker_url:
+        from openedits.workers.celery_dispatch import CeleryDispatcher
+
+        return CeleryDispatcher(rt)
+    return InProcessDispatcher(rt)

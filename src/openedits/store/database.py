@@ -8,13 +8,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 __all__ = ["create_db_engine", "migrate"]
 
 log = logging.getLogger(__name__)
 _MIGRATIONS = Path(__file__).parent / "migrations"
+# The advisory lock every openedits process takes around its migration on PostgreSQL: a deploy
+# starts API nodes and workers together, and two concurrent upgrades would both try to create
+# the same tables. (An arbitrary constant: "oe" "migrate" in hex, fits a bigint.)
+MIGRATION_LOCK = 0x6F65_6D69_6772_6174
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -52,6 +56,10 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Transaction-scoped: released by the commit below, or by the server if this
+            # process dies mid-migration. Waiters then find the schema already at head.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
     log.info("database schema at %s", revision)

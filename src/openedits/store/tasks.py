@@ -265,6 +265,18 @@ class TaskStore:
         with self.engine.connect() as conn:
             return count_active(conn)
 
+    def pending(self, *, created_before: float, limit: int = 1000) -> list[tuple[str, int]]:
+        """(id, priority) of pending tasks created before `created_before`, oldest first: what
+        a broker that lost its messages must be told again."""
+        query = (
+            select(tasks.c.id, tasks.c.priority)
+            .where(tasks.c.state == TaskState.pending.value, tasks.c.created_at < created_before)
+            .order_by(tasks.c.created_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(str(i), int(p)) for i, p in conn.execute(query).all()]
+
     # --- the one guarded transition
 
     def _transition(

@@ -9,10 +9,12 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from openedits._logging import bind
+from openedits.engines.base import Engine
+from openedits.engines.registry import build_engine
 from openedits.errors import EngineFailed
 from openedits.records import failure_body
 from openedits.retention import purge_expired
@@ -33,7 +35,7 @@ from openedits.workers.runner import (
     started,
 )
 
-__all__ = ["Dispatcher", "InProcessDispatcher", "reap_expired"]
+__all__ = ["Dispatcher", "InProcessDispatcher", "device_runtimes", "reap_expired"]
 
 log = logging.getLogger(__name__)
 # Retention is counted in days; looking once an hour is plenty.
@@ -66,14 +68,16 @@ class Dispatcher(Protocol):
         ...
 
 
-def reap_expired(rt: Runtime) -> int:
+def reap_expired(rt: Runtime, on_requeued: Callable[[str], None] | None = None) -> int:
     """Requeue tasks whose worker died; fail those that used up their attempts. Returns how
-    many tasks it touched."""
+    many tasks it touched. `on_requeued` hears each requeued id (a broker re-publishes it)."""
     requeued, exhausted = rt.store.requeue_expired(rt.settings.max_attempts)
     for task_id in requeued:
         log.warning(
             "task requeued: its worker stopped renewing the lease", extra={"task_id": task_id}
         )
+        if on_requeued is not None:
+            on_requeued(task_id)
     for task_id in exhausted:
         row = rt.store.get(task_id)
         if row is None:
@@ -86,6 +90,25 @@ def reap_expired(rt: Runtime) -> int:
         if rt.store.fail_expired(task_id, body, error.status_code):
             rt.bus.publish(TaskFinished(task_id, TaskState.failed))
     return len(requeued) + len(exhausted)
+
+
+def device_runtimes(rt: Runtime, engines: Sequence[Engine] | None = None) -> list[Runtime]:
+    """A Runtime per device of OPENEDITS_DEVICE, each with its own engine copy (the first
+    device's is `rt.engine`); just `[rt]` for a single device."""
+    devices = rt.settings.devices
+    if len(devices) == 1 and not engines:
+        return [rt]
+    if engines is not None and len(engines) != len(devices):
+        raise ValueError(f"{len(engines)} engines given for {len(devices)} devices")
+    runtimes = []
+    for i, device in enumerate(devices):
+        settings = rt.settings.model_copy(update={"device": device})
+        if engines is not None:
+            engine = engines[i]
+        else:
+            engine = rt.engine if i == 0 else build_engine(settings)
+        runtimes.append(rt.for_device(settings, engine))
+    return runtimes
 
 
 class InProcessDispatcher:
@@ -103,9 +126,19 @@ class InProcessDispatcher:
 
     name = "in-process"
 
-    def __init__(self, rt: Runtime, *, threads: int | None = None, staged: bool = True) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        threads: int | None = None,
+        staged: bool = True,
+        engines: Sequence[Engine] | None = None,
+    ) -> None:
         self.rt = rt
         self.threads = threads or rt.settings.workers_per_device
+        # One Runtime per device (OPENEDITS_DEVICE=cuda:0,cuda:1), each with its own engine
+        # copy; they share the store, blobs and bus. `engines` gives the copies (tests).
+        self.devices = device_runtimes(rt, engines)
         self.staged = staged
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -139,9 +172,11 @@ class InProcessDispatcher:
             self._outputs = queue.Queue(_OUTPUT_BACKLOG)
             for i in range(_OUTPUT_THREADS):
                 self._writers.append(self._spawn(self._write, f"openedits-results-{i}"))
-        for i in range(self.threads):
-            work = self._device if self.staged else self._sequential
-            self._spawn(work, f"openedits-worker-{i}", f"{self._node}-w{i}")
+        work = self._device if self.staged else self._sequential
+        for d, device_rt in enumerate(self.devices):
+            for i in range(self.threads):
+                n = d * self.threads + i
+                self._spawn(work, f"openedits-worker-{n}", f"{self._node}-w{n}", device_rt)
         self._spawn(self._reap, "openedits-reaper")
 
     def stop(self) -> None:
@@ -225,7 +260,7 @@ class InProcessDispatcher:
             self._busy.pop(job.task_id, None)
             self._busy_lock.notify_all()
 
-    def _device(self, worker_id: str) -> None:
+    def _device(self, worker_id: str, device_rt: Runtime) -> None:
         """One device's worker: the engine only; inputs come prepared, results go behind."""
         while not self._stop.is_set():
             job = self._inputs.take(timeout=self.rt.settings.reaper_interval_seconds)
@@ -246,7 +281,7 @@ class InProcessDispatcher:
                         continue
                     job.recorded = True
                     started(self.rt, job)
-                    execute(self.rt, job)
+                    execute(device_rt, job)
                 except Exception as exc:
                     outcome = failed(job, exc)
                 if not self._inputs.held() and self._outputs.empty():
@@ -282,7 +317,7 @@ class InProcessDispatcher:
             self._leases.drop(job)
             self._busy_done(job)
 
-    def _sequential(self, worker_id: str) -> None:
+    def _sequential(self, worker_id: str, device_rt: Runtime) -> None:
         """Unstaged: claim, then run start to end on this thread."""
         while not self._stop.is_set():
             # Clear before claiming so a submit that lands after the claim still wakes us.
@@ -297,7 +332,7 @@ class InProcessDispatcher:
                 self._wake.wait(self.rt.settings.reaper_interval_seconds)
                 continue
             try:
-                run_task(self.rt, row.id, worker_id)
+                run_task(device_rt, row.id, worker_id)
             except Exception:
                 log.exception("run_task escaped", extra={"task_id": row.id})
 

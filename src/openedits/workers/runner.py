@@ -255,7 +255,8 @@ def deliver(rt: Runtime, job: Job) -> dict[str, Any]:
             singles=body.split_images,
             pool=rt.encoder,
         )
-        # The files are written side by side: a write and its rename wait on the disk.
+        # The files are written side by side: a write and its rename wait on the disk, and a
+        # put to an object store is a network round trip.
         written = [(f"{row.id}/{name}", data, ctype) for name, data, ctype in files.singles]
         written.append((f"{row.id}/{files.grid[0]}", files.grid[1], files.grid[2]))
         list(rt.encoder.map(lambda f: rt.blobs.put(*f), written))
