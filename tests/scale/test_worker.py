@@ -206,3 +206,31 @@ def test_the_reaper_thread_republishes_and_drain_stops_it(tmp_path: Path, image)
         assert dispatcher._thread is None
         dispatcher.stop()  # again: harmless
         rt.close()
+
+
+def test_a_pool_process_exports_its_metrics_on_the_metrics_port(
+    tmp_path: Path, image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flush_redis()
+    port = free_port()
+    with fresh_postgres() as db_url:
+        settings = _settings(db_url, tmp_path, metrics_port=port)
+        options = WorkerOptions(devices=["cpu"], engine_factory=lambda _s: FakeEngine())
+        monkeypatch.setattr(celery_app, "_child_index", lambda: 0)
+        try:
+            celery_app._init_process(settings, options)
+            state = celery_app._WORKER["state"]
+            from openedits.store.tasks import NewTask
+
+            task_id = "0000000b-0000-0000-0000-000000000000"
+            state.rt.store.create(NewTask(id=task_id, owner="o", trace_id="t", request={},
+                                          priority=1, base_url="http://h/"),
+                                  {"image_url": data_uri(image), "prompt": "x"})
+            make_celery(settings).tasks["openedits.run"].run(task_id)
+            text_ = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            assert 'openedits_tasks_finished_total{engine="fake",state="succeeded"} 1.0' in text_
+            assert 'openedits_tasks{state="pending"} 0.0' in text_
+        finally:
+            celery_app._close_process()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -143,6 +143,8 @@ class _ProcessState:
 
 # The Runtime of this worker child; set after the fork, read by the task.
 _WORKER: dict[str, _ProcessState] = {}
+# What stops this process's metrics endpoint (OPENEDITS_METRICS_PORT), when it serves one.
+_METRICS_STOPS: list[Callable[[], None]] = []
 
 
 def _hand_back(state: _ProcessState, task_id: str) -> None:
@@ -186,11 +188,13 @@ def _init_process(settings: Settings, options: WorkerOptions) -> None:
         # One port per pool process (base + its index): each exports its own tasks and device.
         metrics = Metrics()
         metrics.watch(rt)
-        serve_metrics(metrics, mine.metrics_port + index)
+        _METRICS_STOPS.append(serve_metrics(metrics, mine.metrics_port + index))
     log.info("worker process %d ready: engine %s on %s", index, engine.name, device)
 
 
 def _close_process() -> None:
+    while _METRICS_STOPS:
+        _METRICS_STOPS.pop()()
     state = _WORKER.pop("state", None)
     if state is not None:
         state.rt.close()
