@@ -119,6 +119,16 @@ class TaskRow:
         return cls(**values)
 
 
+# The column values of a task handed back to the queue (released, or its worker died).
+_BACK_TO_PENDING: dict[str, Any] = {
+    "state": TaskState.pending.value,
+    "lease_owner": None,
+    "lease_expires_at": None,
+    "started_at": None,
+    "progress": 0,
+}
+
+
 def _ended(
     state: TaskState, response: dict[str, Any], error_status: int | None, now: float
 ) -> dict[str, Any]:
@@ -471,11 +481,7 @@ class TaskStore:
             task_id,
             from_states=[TaskState.pending, TaskState.running],
             values={
-                "state": TaskState.pending.value,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "started_at": None,
-                "progress": 0,
+                **_BACK_TO_PENDING,
                 "attempts": case((tasks.c.attempts > 0, tasks.c.attempts - 1), else_=0),
             },
             lease_owner=worker_id,
@@ -593,13 +599,7 @@ class TaskStore:
             if self._transition(
                 task_id,
                 from_states=[TaskState.running, TaskState.pending],
-                values={
-                    "state": TaskState.pending.value,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "started_at": None,
-                    "progress": 0,
-                },
+                values=_BACK_TO_PENDING,
                 # Re-checked in the write: another reaper may have requeued the task and a
                 # worker claimed it under a fresh lease since the select above.
                 also=[self._leased(), self._lease_expired()],
