@@ -121,6 +121,9 @@ class _HeldDispatcher:
     def submit(self, task_id: str, priority: int) -> None:
         """Leave the task pending."""
 
+    def drain(self, grace_seconds: float) -> None:
+        """Nothing runs, so nothing to hand back."""
+
 
 def _serve_openedits(port: int, workers: bool) -> None:
     import uvicorn
