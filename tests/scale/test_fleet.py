@@ -29,7 +29,7 @@ from tests.servers import ServerProcess, free_port
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, needs_services]
 
-STEP = 0.3  # the FakeEngine's 4 steps: 1.2 s a task
+STEP = 0.5  # the FakeEngine's 4 steps: 2 s a task, long enough for a stream to see it run
 
 
 def _api(env: dict[str, str]) -> ServerProcess:
@@ -164,13 +164,20 @@ def _run_fleet(nodes: list[ServerProcess], workers: list[WorkerProcess], env: di
         progress = [line["progress"] for line in lines]
         assert lines[-1]["success"] is True and progress[-1] == 100
         assert progress == sorted(progress)
-    # ...and a stream on either node, with the fleet settled, sees a worker's progress.
+    # ...and a stream on either node, with the fleet settled, sees a worker's progress. Up to
+    # three tries a node: on a loaded 2-core machine a stream's first look at its task can come
+    # after a short task has ended (every try must still end with the result).
     for n, node in enumerate((a, b)):
-        streams.clear()
-        submit(node, "stream", 100 + n)
-        progress = [line["progress"] for line in streams[0]]
-        assert streams[0][-1]["success"] is True and progress[-1] == 100
-        assert any(0 < p < 100 for p in progress), progress
+        seen = []
+        for attempt in range(3):
+            streams.clear()
+            submit(node, "stream", 100 + 3 * n + attempt)
+            progress = [line["progress"] for line in streams[0]]
+            assert streams[0][-1]["success"] is True and progress[-1] == 100
+            seen.append(progress)
+            if any(0 < p < 100 for p in progress):
+                break
+        assert any(0 < p < 100 for p in seen[-1]), seen
 
     # Every callback task owed one callback, and it arrived once, with one webhook-id.
     callback_ids = {i for i, kind in accepted.items() if kind == "callback"}
