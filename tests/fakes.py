@@ -67,12 +67,15 @@ class FakeEngine:
         self.started.set()
         if self.gate is not None:
             self.gate.wait(30)
+        # A prompt that says "[slow]" takes five times as long a step: multi-process tests use
+        # it for a task that is surely still running when they look.
+        step_seconds = self.step_seconds * (5 if "[slow]" in prompt else 1)
         for step in range(self.steps):
             if should_cancel():
                 raise TaskCancelled("the task was cancelled")
             if self.fail_with is not None:
                 raise self.fail_with
-            time.sleep(self.step_seconds)
+            time.sleep(step_seconds)
             on_progress((step + 1) / self.steps)
         base = np.asarray(image.convert("RGB"))
         region = (np.asarray(mask) >= 128) if mask is not None else np.ones(base.shape[:2], bool)
