@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -29,25 +30,33 @@ def test_server_timing_renders_milliseconds_in_phase_order() -> None:
     assert server_timing({"engine": "slow", "inputs": -1, "queue": True}) is None
 
 
+def _sync_edit_held_at_the_engine(
+    client: TestClient, image: object, engine: FakeEngine, while_running: Callable[[], None]
+) -> httpx.Response:
+    """A sync edit whose task is held at the engine while the row gets TIMINGS (what the runner
+    writes at the task's end) and `while_running` runs; then the reply."""
+    app = client.app
+    reply: dict[str, httpx.Response] = {}
+    body = {"image_url": data_uri(image), "prompt": "a hat"}
+    sync = threading.Thread(target=lambda: reply.setdefault(
+        "r", client.post("/midjourney/edits", headers=AUTH, json=body)))
+    engine.gate = threading.Event()
+    sync.start()
+    try:
+        assert engine.started.wait(10)
+        with app.state.runtime.db.begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(update(tasks).values(timings=TIMINGS))
+        while_running()
+    finally:
+        engine.gate.set()
+    sync.join(20)
+    return reply["r"]
+
+
 def test_sync_reply_and_record_carry_the_timings(settings: Settings, image) -> None:
     engine = FakeEngine()
-    engine.gate = threading.Event()
-    app = create_app(settings, engine=engine)
-    with TestClient(app) as client:
-        reply: dict[str, httpx.Response] = {}
-        body = {"image_url": data_uri(image), "prompt": "a hat"}
-        sync = threading.Thread(target=lambda: reply.setdefault(
-            "r", client.post("/midjourney/edits", headers=AUTH, json=body)))
-        sync.start()
-        try:
-            assert engine.started.wait(10)
-            # What the runner writes into the row at the task's end.
-            with app.state.runtime.db.begin() as conn:
-                conn.execute(update(tasks).values(timings=TIMINGS))
-        finally:
-            engine.gate.set()
-        sync.join(20)
-        r = reply["r"]
+    with TestClient(create_app(settings, engine=engine)) as client:
+        r = _sync_edit_held_at_the_engine(client, image, engine, lambda: None)
         assert r.status_code == 200, r.text
         header = r.headers["server-timing"]
         phases = dict(p.split(";dur=") for p in header.split(", "))
@@ -63,26 +72,18 @@ def test_sync_reply_and_record_carry_the_timings(settings: Settings, image) -> N
 
 def test_failed_sync_reply_carries_the_timings_too(settings: Settings, image) -> None:
     engine = FakeEngine(fail_with=None)
-    engine.gate = threading.Event()
     app = create_app(settings, engine=engine)
     with TestClient(app) as client:
-        reply: dict[str, httpx.Response] = {}
-        body = {"image_url": data_uri(image), "prompt": "a hat"}
-        sync = threading.Thread(target=lambda: reply.setdefault(
-            "r", client.post("/midjourney/edits", headers=AUTH, json=body)))
-        sync.start()
-        try:
-            assert engine.started.wait(10)
-            with app.state.runtime.db.begin() as conn:
-                conn.execute(update(tasks).values(timings=TIMINGS))
+        cancelled: list[str] = []
+
+        def cancel() -> None:
             task_id = app.state.runtime.store.page(owner=None)[0][0].id
             client.post("/midjourney/tasks", headers=AUTH, json={"action": "cancel",
                                                                  "id": task_id})
-        finally:
-            engine.gate.set()
-        sync.join(20)
-        r = reply["r"]
-        assert r.status_code == 409 and r.json()["task_id"] == task_id
+            cancelled.append(task_id)
+
+        r = _sync_edit_held_at_the_engine(client, image, engine, cancel)
+        assert r.status_code == 409 and r.json()["task_id"] == cancelled[0]
         assert "engine;dur=" in r.headers["server-timing"]
 
 
