@@ -6,9 +6,10 @@ import base64
 import io
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,7 +25,9 @@ from tests.fakes import FakeEngine
 
 TOKEN = "test-token"
 TESTCLIENT_HOST = "testserver"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
+# Read-only: one test that let a library add its own headers to this shared mapping once made
+# every later request of the session send two `accept` fields (schemathesis' case.call does).
+AUTH: Mapping[str, str] = MappingProxyType({"authorization": f"Bearer {TOKEN}"})
 
 # The real services scripts/test started (scripts/services.py), read once at import: the autouse
 # fixture below clears every OPENEDITS_* variable before each test.

@@ -48,6 +48,19 @@ def test_stream_rises_and_ends_with_the_result(tmp_path: Path, image) -> None:
     assert len(final["sub_image_urls"]) == 4
 
 
+def test_a_second_accept_field_asking_for_the_stream_is_heard(tmp_path: Path, image) -> None:
+    # Repeated header fields are one list in HTTP; a client (or a proxy) that adds its own
+    # `accept: */*` ahead of the caller's must not turn a stream into a sync reply.
+    with TestClient(create_app(_settings(tmp_path), engine=FakeEngine(steps=3))) as tc:
+        r = tc.post("/midjourney/edits", json={"image_url": data_uri(image), "prompt": "x"},
+                    headers=[*AUTH.items(), ("accept", "*/*"),
+                             ("accept", "application/x-ndjson")])
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in r.text.splitlines() if line]
+    assert lines[0]["progress"] < 100 and lines[-1]["success"] is True
+
+
 def test_stream_of_a_failing_task_ends_with_the_error_body(tmp_path: Path, image) -> None:
     with TestClient(create_app(_settings(tmp_path), engine=BrokenEngine())) as tc:
         lines = _lines(tc, {"image_url": data_uri(image), "prompt": "x"})

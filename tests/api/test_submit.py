@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from openedits.api.app import create_app
 from openedits.settings import Settings
-from tests.conftest import AUTH, TOKEN, data_uri
+from tests.conftest import AUTH, TESTCLIENT_HOST, TOKEN, data_uri
 from tests.engines.contract import make_test_image, make_test_mask
 from tests.fakes import FakeEngine
 
@@ -32,7 +32,8 @@ LONG_URL = "https://example.com/" + "a" * 9000
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("submit"), api_tokens=TOKEN,
                         allow_private_urls=True, rate_limit="off", max_body_bytes=MAX_BODY,
-                        lease_seconds=5, reaper_interval_seconds=0.5, sync_timeout_seconds=15)
+                        lease_seconds=5, reaper_interval_seconds=0.5, sync_timeout_seconds=15,
+                        allowed_hosts=TESTCLIENT_HOST)
     with pytest.MonkeyPatch.context() as mp:
         for key in [k for k in __import__("os").environ if k.startswith("OPENEDITS_")]:
             mp.delenv(key)

@@ -94,6 +94,7 @@ def _run_fleet(nodes: list[ServerProcess], workers: list[WorkerProcess], env: di
             with httpx.stream("POST", node + "/midjourney/edits", json=body, timeout=120,
                               headers={**AUTH, "accept": "application/x-ndjson"}) as r:
                 assert r.status_code == 200
+                assert r.headers["content-type"].startswith("application/x-ndjson")
                 lines = [json.loads(line) for line in r.iter_lines() if line.strip()]
             with lock:
                 streams.append(lines)
@@ -163,7 +164,7 @@ def _run_fleet(nodes: list[ServerProcess], workers: list[WorkerProcess], env: di
     for lines in streams:
         progress = [line["progress"] for line in lines]
         assert lines[-1]["success"] is True and progress[-1] == 100
-        assert progress == sorted(progress)
+        assert len(progress) >= 2 and progress == sorted(progress), progress
     # Every callback task owed one callback, and it arrived once, with one webhook-id.
     callback_ids = {i for i, kind in accepted.items() if kind == "callback"}
     assert set(owed) == callback_ids and set(owed.values()) == {1}
@@ -198,19 +199,12 @@ def _run_fleet(nodes: list[ServerProcess], workers: list[WorkerProcess], env: di
     final = _record(a, task_id)
     assert final["state"] == "cancelled", final
 
-    # Last, a stream on either node follows a 10 s task ("[slow]") and should see a worker's
-    # progress. Known bug, under investigation: in full-suite runs (never alone) such a stream
-    # after the Redis restart has answered nothing until its task ended, 10 s later, so it is
-    # reported as an expected failure here rather than hidden; everything above must pass.
-    stalled = []
-    for n, node in enumerate((a, b)):
+    # Last, a stream on either node follows a 10 s task ("[slow]") and sees a worker's progress
+    # from the other process, through Redis restarted empty.
+    for node in (a, b):
         streams.clear()
         began = time.monotonic()
-        submit(node, "stream", 100 + n, prompt=f"fleet stream {n} [slow]")
-        took = time.monotonic() - began
+        submit(node, "stream", 100, prompt="fleet stream [slow]")
         progress = [line["progress"] for line in streams[0]]
         assert streams[0][-1]["success"] is True and progress[-1] == 100
-        if not any(0 < p < 100 for p in progress):
-            stalled.append((progress, f"{took:.1f} s", nodes[n].output()[-1500:]))
-    if stalled:
-        pytest.xfail(f"a stream after the Redis restart showed no progress: {stalled}")
+        assert any(0 < p < 100 for p in progress), (progress, f"{time.monotonic() - began:.1f} s")

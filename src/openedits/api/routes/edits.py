@@ -94,7 +94,9 @@ async def create_edit(
         del raw
     if row.trace_id == trace_id:  # a new task, not an idempotent replay of an earlier one
         request.app.state.metrics.task_submitted(rt.engine.name, edit.mode)
-    if NDJSON in request.headers.get("accept", "").lower():
+    # Every Accept field counts: a client may send the header more than once, which HTTP
+    # reads as one comma-joined list (RFC 9110, 5.3).
+    if any(NDJSON in value.lower() for value in request.headers.getlist("accept")):
         # Asking for a stream beats `async` and `callback_url`: the caller said how it waits.
         deliveries: DeliveryLoop = request.app.state.deliveries
         return StreamingResponse(
