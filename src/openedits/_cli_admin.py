@@ -82,10 +82,11 @@ def _stores() -> Iterator[_Stores]:
     from openedits.store.tasks import TaskStore
     from openedits.webhooks.outbox import Outbox
 
-    engine = create_db_engine(_load_settings().resolved_database_url)
+    settings = _load_settings()
+    engine = create_db_engine(settings.resolved_database_url)
     try:
         migrate(engine)
-        yield _Stores(TaskStore(engine), Outbox(engine))
+        yield _Stores(TaskStore(engine, inputs_dir=settings.inputs_dir), Outbox(engine))
     finally:
         engine.dispose()
 

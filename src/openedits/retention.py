@@ -36,6 +36,9 @@ def purge_expired(rt: Runtime, *, batch: int = 500) -> int:
                 purged += 1
         if len(ids) < batch:
             break
+    if rt.store.input_files is not None:
+        # Inline inputs a crash left behind (written, then no row; ended, then not unlinked).
+        rt.store.input_files.sweep(rt.store.live)
     if purged:
         log.info("retention: forgot %d tasks that ended over %g days ago", purged,
                  rt.settings.retention_days)

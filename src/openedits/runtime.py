@@ -77,7 +77,7 @@ class Runtime:
         return cls(
             settings=settings,
             db=db,
-            store=TaskStore(db, clock=clock),
+            store=TaskStore(db, clock=clock, inputs_dir=settings.inputs_dir),
             tokens=TokenStore(db, clock=clock),
             kv=KeyValueStore(db),
             blobs=blobs or create_blobs(settings.blobs_url, settings.files_dir, settings),

@@ -229,6 +229,14 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'openedits.db').resolve()}"
 
     @property
+    def inputs_dir(self) -> Path | None:
+        """Where a SQLite store keeps inline inputs, one file per live task; None for a
+        server database (its workers may be on other machines: inputs stay in the database)."""
+        if self.resolved_database_url.startswith("sqlite"):
+            return self.data_dir / "inputs"
+        return None
+
+    @property
     def files_dir(self) -> Path:
         """The local folder result files go to by default."""
         return self.data_dir / "files"

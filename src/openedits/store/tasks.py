@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -22,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from openedits.schemas import TaskState
+from openedits.store._inputs import IN_FILE, InlineInput, InputFiles, pack, unpack
 from openedits.store._inserts import InsertWriter, count_active
 from openedits.store._tables import task_payloads, tasks
 from openedits.webhooks.outbox import owe_callback
@@ -29,8 +31,6 @@ from openedits.webhooks.outbox import owe_callback
 __all__ = ["PRIORITY", "InlineInput", "NewTask", "TaskRow", "TaskStore"]
 
 PRIORITY = {"turbo": 0, "fast": 1, "relax": 2}
-# A packed payload body (see _pack) keeps the rest of the submit body under this key.
-_PACKED = "body"
 
 
 @dataclass(frozen=True)
@@ -46,41 +46,6 @@ class NewTask:
     callback_url: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
-
-
-@dataclass(frozen=True)
-class InlineInput:
-    """An input sent inline: its base64 text as ASCII bytes (kept in the payload's `data`
-    column, not in its JSON body), and the text before it (a data: URI's
-    `data:image/png;base64,` head, or "" for bare base64)."""
-
-    prefix: str
-    encoded: bytes
-
-
-def _pack(
-    payload: dict[str, Any], inline: Mapping[str, InlineInput]
-) -> tuple[dict[str, Any], bytes | None]:
-    """The payload row's (body, data): inline inputs one after another in `data`, and where
-    each one lies (field, prefix, length) in the body's `inline` list. Megabytes of base64
-    then never pass through a JSON encoder, on the way in or out."""
-    if not inline:
-        return payload, None
-    layout = [[name, item.prefix, len(item.encoded)] for name, item in inline.items()]
-    rest = {k: v for k, v in payload.items() if k not in inline}
-    return {_PACKED: rest, "inline": layout}, b"".join(item.encoded for item in inline.values())
-
-
-def _unpack(body: dict[str, Any], data: bytes | None) -> dict[str, Any]:
-    """The inverse of _pack: the body with each inline input in its field again."""
-    if data is None or _PACKED not in body:
-        return dict(body)
-    out = dict(body[_PACKED])
-    offset = 0
-    for name, prefix, length in body["inline"]:
-        out[name] = prefix + data[offset:offset + length].decode("ascii")
-        offset += length
-    return out
 
 
 @dataclass(frozen=True)
@@ -146,10 +111,19 @@ def _ended(
 class TaskStore:
     """Tasks in a SQL database. Thread-safe; every method is one short transaction."""
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        inputs_dir: Path | None = None,
+    ) -> None:
+        """`inputs_dir`: where inline inputs go, one file per live task, instead of into the
+        database (a single-host store: every process that reads them shares the folder)."""
         self.engine = engine
         self.clock = clock
         self._inserts = InsertWriter(engine)
+        self.input_files = InputFiles(inputs_dir) if inputs_dir is not None else None
 
     # --- creating and reading
 
@@ -195,10 +169,21 @@ class TaskStore:
             "idempotency_key": new.idempotency_key,
             "request_hash": new.request_hash,
         }
-        body, data = _pack(payload, inline or {})
-        self._inserts.insert(
-            values, {"task_id": new.id, "body": body, "data": data}, queue_max=queue_max
-        )
+        body, data = pack(payload, inline or {})
+        files = self.input_files if data and InputFiles.holds(new.id) else None
+        if files is not None:
+            # Written before the row is committed, outside the write slot (see InputFiles).
+            assert data is not None
+            files.write(new.id, data)
+            body, data = {**body, IN_FILE: True}, None
+        try:
+            self._inserts.insert(
+                values, {"task_id": new.id, "body": body, "data": data}, queue_max=queue_max
+            )
+        except BaseException:
+            if files is not None:
+                files.delete(new.id)
+            raise
         return TaskRow.from_mapping(values)
 
     def get(self, task_id: str, *, owner: str | None = None) -> TaskRow | None:
@@ -220,7 +205,27 @@ class TaskStore:
             row = conn.execute(query).first()
         if row is None or row.body is None:
             return None
-        return _unpack(row.body, row.data)
+        data = row.data
+        if row.body.get(IN_FILE):
+            data = self.input_files.read(task_id) if self.input_files is not None else None
+            if data is None:
+                return None  # the file was lost: the inputs are gone, as after an end
+        return unpack(row.body, data)
+
+    def live(self, task_ids: Collection[str]) -> set[str]:
+        """Those of `task_ids` that are pending or running."""
+        query = select(tasks.c.id).where(
+            tasks.c.id.in_(list(task_ids)),
+            tasks.c.state.in_([TaskState.pending.value, TaskState.running.value]),
+        )
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def _drop_inputs(self, task_id: str) -> None:
+        # After the commit that deleted the payload row: a crash in between leaves a file that
+        # InputFiles.sweep removes, never a live task without its inputs.
+        if self.input_files is not None:
+            self.input_files.delete(task_id)
 
     def get_by_trace(self, trace_id: str, *, owner: str | None = None) -> TaskRow | None:
         """The task a submit with this trace id created."""
@@ -558,13 +563,16 @@ class TaskStore:
         from_states = (
             [TaskState.running, TaskState.pending] if worker_id else [TaskState.pending]
         )
-        return self._transition(
+        ended = self._transition(
             task_id,
             from_states=from_states,
             values=values,
             lease_owner=worker_id,
             then=self._on_end(task_id, response, now),
         )
+        if ended:
+            self._drop_inputs(task_id)
+        return ended
 
     def request_cancel(self, task_id: str) -> bool:
         """Flag a running task for cancellation at its next engine step."""
@@ -611,13 +619,16 @@ class TaskStore:
         """Fail a running (or reserved) task whose lease expired after its last allowed
         attempt."""
         now = self.clock()
-        return self._transition(
+        ended = self._transition(
             task_id,
             from_states=[TaskState.running, TaskState.pending],
             values=_ended(TaskState.failed, response, error_status, now),
             also=[self._leased(), self._lease_expired()],
             then=self._on_end(task_id, response, now),
         )
+        if ended:
+            self._drop_inputs(task_id)
+        return ended
 
     def ended_before(self, cutoff: float, limit: int = 500) -> list[str]:
         """Ids of tasks that ended before `cutoff` (Unix seconds), oldest first."""
@@ -643,7 +654,10 @@ class TaskStore:
                 )
             )
             conn.execute(delete(task_payloads).where(task_payloads.c.task_id == task_id))
-            return result.rowcount == 1
+            forgotten = result.rowcount == 1
+        if forgotten:
+            self._drop_inputs(task_id)
+        return forgotten
 
     def is_duplicate_key_error(self, error: Exception) -> bool:
         """True when an insert failed on the idempotency key's unique constraint."""
