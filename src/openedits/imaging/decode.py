@@ -151,7 +151,9 @@ def load_checked(
 def _apply_orientation(im: Image.Image) -> Image.Image:
     """The image as the camera meant it to be seen (EXIF orientation), when that can be read."""
     try:
-        return ImageOps.exif_transpose(im)
+        # In place: without a rotation to apply, exif_transpose would otherwise copy the pixels.
+        ImageOps.exif_transpose(im, in_place=True)
+        return im
     except Exception:  # a broken EXIF block is ignored: the pixels themselves are fine
         return im
 
