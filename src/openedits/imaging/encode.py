@@ -113,14 +113,25 @@ def _deflate(data: memoryview) -> bytes:
     return c.compress(data) + c.flush(zlib.Z_FULL_FLUSH)
 
 
-def _whole(lines: np.ndarray, mapper: Mapper, parts: int = 1) -> bytes:
-    """A PNG of scanlines `lines`, deflated in `parts` bands side by side on `mapper`."""
-    height = lines.shape[0]
-    cuts = [height * i // parts for i in range(parts + 1)]
-    bands = [lines[a:b].reshape(-1).data for a, b in itertools.pairwise(cuts) if b > a]
-    deflated = b"".join(mapper(_deflate, bands)) + b"\x03\x00"  # an empty final block
-    width = (lines.shape[1] - 1) // 3
-    return _png(width, height, deflated, zlib.adler32(lines.data))
+def _whole(items: Sequence[tuple[np.ndarray, int]], mapper: Mapper) -> list[bytes]:
+    """PNGs of (scanlines, parts) pairs, each cut into `parts` bands, and every band of all of
+    them deflated in one pass on `mapper`: the threads never wait for one file to finish
+    before the next one's bands start."""
+    bands: list[memoryview] = []
+    spans: list[tuple[int, int]] = []
+    for lines, parts in items:
+        height = lines.shape[0]
+        cuts = [height * i // parts for i in range(parts + 1)]
+        first = len(bands)
+        bands += [lines[a:b].reshape(-1).data for a, b in itertools.pairwise(cuts) if b > a]
+        spans.append((first, len(bands)))
+    deflated = list(mapper(_deflate, bands))
+    files = []
+    for (lines, _), (a, b) in zip(items, spans, strict=True):
+        data = b"".join(deflated[a:b]) + b"\x03\x00"  # an empty final block
+        width = (lines.shape[1] - 1) // 3
+        files.append(_png(width, lines.shape[0], data, zlib.adler32(lines.data)))
+    return files
 
 
 @dataclass(frozen=True)
@@ -180,7 +191,7 @@ def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def encode_png(image: Image.Image | np.ndarray) -> bytes:
     """A lossless RGB PNG of `image` (or of an height x width x 3 uint8 array)."""
-    return _whole(_lines(_rgb(image)), map)
+    return _whole([(_lines(_rgb(image)), 1)], map)[0]
 
 
 def _png_files(
@@ -201,10 +212,10 @@ def _png_files(
             rows = list(mapper(_rows, arrays))
             grid = _spliced(2 * width, 2 * height, [rows[:2], rows[2:]])
             return grid, list(mapper(lambda r: _spliced(width, height, [[r]]), rows))
-        files = list(mapper(lambda a: _whole(_lines(a), map), arrays))
-    else:
-        files = []
-    return _whole(_grid_lines(arrays), mapper, parts=4), files
+        grid, *files = _whole([(_grid_lines(arrays), 4), *((_lines(a), 1) for a in arrays)],
+                              mapper)
+        return grid, files
+    return _whole([(_grid_lines(arrays), 4)], mapper)[0], []
 
 
 def _pillow(image: Image.Image, fmt: str, quality: int) -> bytes:
