@@ -27,6 +27,40 @@ _LOOK_EVERY = 1.0
 _NO_PRIORITY = 1 << 30
 
 
+class _Wakes:
+    """Wake-ups for the input threads, each taken by one of them.
+
+    A wake that came while no thread waited is kept (up to one per thread), so none is lost
+    between a claim that found nothing and the next wait. A submit wakes one idle thread: with
+    an Event every thread woke and ran the claim query, four queries for one task, each
+    competing with the running task for the CPU (measured: 12 claim queries per sync edit).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._cap = threads
+
+    def set(self) -> None:
+        """Wake one thread (now, or the next one that waits)."""
+        with self._cond:
+            self._pending = min(self._cap, self._pending + 1)
+            self._cond.notify()
+
+    def set_all(self) -> None:
+        """Wake every thread (to stop)."""
+        with self._cond:
+            self._pending = self._cap
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Take a wake-up, waiting at most `timeout` seconds for one."""
+        with self._cond:
+            if not self._pending:
+                self._cond.wait(timeout)
+            self._pending = max(0, self._pending - 1)
+
+
 class InputStage:
     """`threads` threads reserve pending tasks from the store (under a lease, so crash
     safety, cancel and the reaper work as for a running task), fetch, decode and validate their
@@ -52,7 +86,7 @@ class InputStage:
         self.threads, self.per_owner = threads, per_owner
         self._lock = threading.Condition()
         self._claim_lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = _Wakes(threads)
         self._halt = threading.Event()
         self._held: dict[str, Job] = {}
         self._owners: Counter[str] = Counter()
@@ -79,7 +113,7 @@ class InputStage:
         """Stop claiming at once; returns the jobs held (reserved, preparing or ready), which
         are no longer handed to the device. Their threads drop them when their fetch ends."""
         self._halt.set()
-        self._wake.set()
+        self._wake.set_all()
         with self._lock:
             jobs = list(self._held.values())
             self._held.clear()
@@ -212,8 +246,6 @@ class InputStage:
 
     def _work(self, worker_id: str) -> None:
         while not self._halt.is_set():
-            # Clear before claiming so a submit that lands after the claim still wakes us.
-            self._wake.clear()
             try:
                 job = self._claim(worker_id)
             except Exception:
