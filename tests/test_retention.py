@@ -3,11 +3,13 @@ retention."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
-from openedits.retention import RESULT_FILES, purge_expired
+from openedits.retention import PURGE_EVERY, RESULT_FILES, purge_expired, purge_when_due
 from openedits.runtime import Runtime
 from openedits.schemas import TaskState
 from openedits.settings import Settings
@@ -113,5 +115,31 @@ def test_callback_deliveries_go_a_retention_after_they_end(tmp_path: Path) -> No
         clock.now += 1.1 * DAY
         purge_expired(rt)
         assert {d.id for d in outbox.page(limit=100)[0]} == {still_owed, resent}
+    finally:
+        rt.close()
+
+
+def test_a_pass_runs_only_when_due_and_a_failure_waits_for_the_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(1_000_000_000.0)
+    rt = Runtime.build(Settings(data_dir=tmp_path, retention_days=1), engine=FakeEngine(),
+                       clock=clock)
+    try:
+        old = _task(rt, 1, end=TaskState.succeeded)
+        clock.now += 2 * DAY
+        later = time.monotonic() + 60
+        assert purge_when_due(rt, later) == later
+        assert rt.store.get(old) is not None, "not due yet: nothing purged"
+
+        due = purge_when_due(rt, 0.0)
+        assert rt.store.get(old) is None
+        assert time.monotonic() + PURGE_EVERY - 5 < due <= time.monotonic() + PURGE_EVERY
+
+        rt.db.dispose()
+        (tmp_path / "openedits.db").unlink()
+        (tmp_path / "openedits.db").mkdir()  # the store cannot be opened: the pass fails
+        assert purge_when_due(rt, 0.0) > time.monotonic()
+        assert "purging expired tasks failed" in caplog.text
     finally:
         rt.close()

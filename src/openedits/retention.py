@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from openedits.runtime import Runtime
 from openedits.webhooks.outbox import Outbox
 
-__all__ = ["RESULT_FILES", "purge_expired"]
+__all__ = ["PURGE_EVERY", "RESULT_FILES", "purge_expired", "purge_when_due"]
 
 log = logging.getLogger(__name__)
+
+PURGE_EVERY = 3600.0
+"""Seconds between retention passes: retention is counted in days, so once an hour is plenty."""
 
 # Every name a result file can have, in each output format.
 RESULT_FILES = tuple(
@@ -49,3 +53,17 @@ def purge_expired(rt: Runtime, *, batch: int = 500) -> int:
         log.info("retention: forgot %d callback deliveries that ended over %g days ago",
                  deliveries, rt.settings.retention_days)
     return purged
+
+
+def purge_when_due(rt: Runtime, due: float) -> float:
+    """Run a retention pass if the monotonic clock has reached `due` (a failure is logged, not
+    raised: the next pass retries); returns when the next pass is due. A dispatcher's reaper
+    loop calls this on each of its turns, starting from 0.0 (a pass at once)."""
+    now = time.monotonic()
+    if now < due:
+        return due
+    try:
+        purge_expired(rt)
+    except Exception:
+        log.exception("purging expired tasks failed")
+    return now + PURGE_EVERY

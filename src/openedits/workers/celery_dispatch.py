@@ -20,7 +20,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from openedits.retention import purge_expired
+from openedits.retention import purge_when_due
 from openedits.runtime import Runtime
 from openedits.workers.celery_app import QUEUE, TASK_NAME, make_celery
 from openedits.workers.dispatch import reap_expired
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 BROKER_MARKER = "openedits:broker-marker"
 """Set in the broker's Redis by the first dispatcher that sees it empty; its absence means the
 broker lost its data, and with it the queued messages."""
-_PURGE_EVERY = 3600.0
 # A pending task this many reaper intervals old, with the queue empty, lost its message.
 _STALE_INTERVALS = 3
 # After a failed publish, submits skip the broker this long (their ids wait for the reaper), so
@@ -182,13 +181,7 @@ class CeleryDispatcher:
         next_purge = 0.0
         interval = self.rt.settings.reaper_interval_seconds
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_purge:
-                next_purge = now + _PURGE_EVERY
-                try:
-                    purge_expired(self.rt)
-                except Exception:
-                    log.exception("purging expired tasks failed")
+            next_purge = purge_when_due(self.rt, next_purge)
             try:
                 self.reap_once()
             except Exception as exc:

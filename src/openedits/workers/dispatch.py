@@ -17,7 +17,7 @@ from openedits.engines.base import Engine
 from openedits.engines.registry import build_engine
 from openedits.errors import EngineFailed
 from openedits.records import failure_body
-from openedits.retention import purge_expired
+from openedits.retention import purge_when_due
 from openedits.runtime import Runtime
 from openedits.schemas import TaskState
 from openedits.workers.events import TaskFinished
@@ -38,8 +38,6 @@ from openedits.workers.runner import (
 __all__ = ["Dispatcher", "InProcessDispatcher", "device_runtimes", "reap_expired"]
 
 log = logging.getLogger(__name__)
-# Retention is counted in days; looking once an hour is plenty.
-_PURGE_EVERY = 3600.0
 # Results written behind at once, and waiting to be: past that the device waits, so a slow
 # disk cannot pile up finished variants in memory.
 _OUTPUT_THREADS, _OUTPUT_BACKLOG = 2, 2
@@ -339,13 +337,7 @@ class InProcessDispatcher:
     def _reap(self) -> None:
         next_purge = 0.0
         while True:
-            now = time.monotonic()
-            if now >= next_purge:
-                next_purge = now + _PURGE_EVERY
-                try:
-                    purge_expired(self.rt)
-                except Exception:
-                    log.exception("purging expired tasks failed")
+            next_purge = purge_when_due(self.rt, next_purge)
             if self._stop.wait(self.rt.settings.reaper_interval_seconds):
                 return
             try:
