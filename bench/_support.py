@@ -1,17 +1,21 @@
 """What the benchmarks share, from the base package only (no test suite, no pytest): test
-pictures, data: URIs, an in-thread server, and an engine that holds its device a fixed time."""
+pictures, data: URIs, free ports, an in-thread server, waiting for a server process, and an
+engine that holds its device a fixed time."""
 
 from __future__ import annotations
 
 import base64
 import io
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -73,6 +77,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], *, path: str = "/readyz",
+               timeout: float = 60, log: Path | None = None) -> None:
+    """Poll `url + path` until it answers 200; RuntimeError if `proc` exits first (with the end
+    of its `log`, when given) or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = f": {log.read_text()[-2000:]}" if log is not None else ""
+            raise RuntimeError(f"the server exited with {proc.returncode}{tail}")
+        try:
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the server did not answer {path} within {timeout:g} s")
 
 
 @contextmanager

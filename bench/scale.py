@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _support import free_port, wait_ready
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,12 +74,6 @@ class HoldEngine:
             with self.notes.open("a") as f:
                 f.writelines(json.dumps(m) + "\n" for m in marks)
         return [image.convert("RGB")] * n
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _image_uri(colour: tuple[int, int, int] = (90, 120, 200)) -> str:
@@ -152,20 +146,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the API node exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("the API node did not become healthy")
 
 
 def _submit(url: str, uri: str, count: int, prompt: str) -> list[str]:
@@ -284,11 +264,11 @@ def main() -> None:
         try:
             database_url = _fresh_database(svc["OPENEDITS_TEST_POSTGRES_URL"])
             env = _fleet_env(svc, tmp, database_url)
-            port = _free_port()
+            port = free_port()
             api = _start([sys.executable, "-c", "from openedits.cli import main; main()",
                           "serve", "--port", str(port)], env, tmp / "api.log")
             url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, api, tmp / "api.log")
+            wait_ready(url, api, path="/healthz", log=tmp / "api.log")
             uri = _image_uri()
             print(f"engine holds its device {args.hold:.2f} s per task; "
                   f"{args.tasks_per_worker} tasks per worker")

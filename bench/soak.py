@@ -14,10 +14,7 @@ Needs only what ./scripts/serve installs (no test helpers, no pytest); reads RSS
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+from _support import data_uri, free_port, wait_ready
 from PIL import Image, ImageDraw
 
 
@@ -42,18 +40,6 @@ def _mask(size: int) -> Image.Image:
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).ellipse((size // 3, size // 3, size * 2 // 3, size * 2 // 3), fill=255)
     return mask
-
-
-def _data_uri(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_bytes(pid: int) -> int:
@@ -73,20 +59,6 @@ def _settled_rss(pid: int) -> int:
 _SETTLE_SECONDS = 1.5
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("the server did not become ready")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=500)
@@ -97,10 +69,10 @@ def main() -> None:
     if not 0 < args.warmup < args.edits:
         parser.error("--warmup must be at least 1 and fewer than --edits")
 
-    body = {"image_url": _data_uri(_image(args.size)), "mask": _data_uri(_mask(args.size)),
+    body = {"image_url": data_uri(_image(args.size)), "mask": data_uri(_mask(args.size)),
             "prompt": "soak", "split_images": True}
     headers = {"authorization": "Bearer soak"}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OPENEDITS_DATA_DIR": tmp, "OPENEDITS_API_TOKENS": "soak",
@@ -110,7 +82,7 @@ def main() -> None:
             [sys.executable, "-c", "from openedits.cli import main; main()", "serve",
              "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
         try:
-            _wait_ready(url, proc)
+            wait_ready(url, proc)
             with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
 
                 def edit(_: int) -> float:
