@@ -93,17 +93,20 @@ def _lines(rgb: np.ndarray) -> np.ndarray:
     return lines
 
 
-def _grid_lines(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """The PNG scanlines of the 2x2 grid, filtered straight from the four variants."""
-    height, width = arrays[0].shape[:2]
-    span = width * 3
-    lines = np.empty((2 * height, 1 + 2 * span), np.uint8)
+def _band_lines(side: Sequence[np.ndarray], a: int, b: int) -> np.ndarray:
+    """The PNG scanlines of rows a..b of the same-height images `side` placed side by side:
+    each row Up-filtered against the row above, the images' first row unfiltered."""
+    span = side[0].shape[1] * 3
+    lines = np.empty((b - a, 1 + span * len(side)), np.uint8)
     lines[:, 0] = _UP
-    for band in (0, 1):
-        rows = lines[band * height : (band + 1) * height]
-        rows[0, 0] = _NONE  # each band's first row unfiltered, as in the variants
-        _up_filter(arrays[2 * band], rows[:, 1 : 1 + span])
-        _up_filter(arrays[2 * band + 1], rows[:, 1 + span :])
+    for i, rgb in enumerate(side):
+        flat = rgb.reshape(rgb.shape[0], -1)
+        out = lines[:, 1 + i * span : 1 + (i + 1) * span]
+        if a == 0:
+            lines[0, 0] = _NONE
+            _up_filter(flat[:b], out)
+        else:
+            np.subtract(flat[a:b], flat[a - 1 : b - 1], out=out)
     return lines
 
 
@@ -113,25 +116,58 @@ def _deflate(data: memoryview) -> bytes:
     return c.compress(data) + c.flush(zlib.Z_FULL_FLUSH)
 
 
-def _whole(items: Sequence[tuple[np.ndarray, int]], mapper: Mapper) -> list[bytes]:
-    """PNGs of (scanlines, parts) pairs, each cut into `parts` bands, and every band of all of
-    them deflated in one pass on `mapper`: the threads never wait for one file to finish
-    before the next one's bands start."""
-    bands: list[memoryview] = []
+_ADLER_BASE = 65521
+
+
+def _adler_combine(first: int, second: int, second_length: int) -> int:
+    """The Adler-32 of two byte strings one after the other, from each one's own (zlib's
+    adler32_combine, which Python's zlib does not expose): A = A1 + A2 - 1 and
+    B = B1 + B2 + len2 * (A1 - 1), both modulo 65521."""
+    a1, b1 = first & 0xFFFF, first >> 16
+    a2, b2 = second & 0xFFFF, second >> 16
+    a = (a1 + a2 - 1) % _ADLER_BASE
+    b = (b1 + b2 + second_length * (a1 - 1)) % _ADLER_BASE
+    return a | (b << 16)
+
+
+# A PNG deflated whole: stacks of same-height images, top to bottom, each stack's images side
+# by side (the grid is two stacks of two; a single image, one stack of one), each stack cut
+# into that many bands.
+_Stacks = Sequence[tuple[Sequence[np.ndarray], int]]
+
+
+def _deflated_band(band: tuple[Sequence[np.ndarray], int, int]) -> tuple[bytes, int, int]:
+    """One band's scanlines made, deflated and checksummed, all on one thread: (deflated,
+    Adler-32, length)."""
+    lines = _band_lines(*band)
+    data = lines.reshape(-1).data
+    return _deflate(data), zlib.adler32(data), data.nbytes
+
+
+def _whole(files: Sequence[_Stacks], mapper: Mapper) -> list[bytes]:
+    """PNGs of `files`, every band of all of them filtered, deflated and checksummed in one
+    pass on `mapper`: the threads never wait for one file to finish before the next one's
+    bands start, and the caller's thread does no per-byte work."""
+    bands: list[tuple[Sequence[np.ndarray], int, int]] = []
     spans: list[tuple[int, int]] = []
-    for lines, parts in items:
-        height = lines.shape[0]
-        cuts = [height * i // parts for i in range(parts + 1)]
+    for stacks in files:
         first = len(bands)
-        bands += [lines[a:b].reshape(-1).data for a, b in itertools.pairwise(cuts) if b > a]
+        for side, parts in stacks:
+            height = side[0].shape[0]
+            cuts = [height * i // parts for i in range(parts + 1)]
+            bands += [(side, a, b) for a, b in itertools.pairwise(cuts) if b > a]
         spans.append((first, len(bands)))
-    deflated = list(mapper(_deflate, bands))
-    files = []
-    for (lines, _), (a, b) in zip(items, spans, strict=True):
-        data = b"".join(deflated[a:b]) + b"\x03\x00"  # an empty final block
-        width = (lines.shape[1] - 1) // 3
-        files.append(_png(width, lines.shape[0], data, zlib.adler32(lines.data)))
-    return files
+    done = list(mapper(_deflated_band, bands))
+    out = []
+    for stacks, (a, b) in zip(files, spans, strict=True):
+        adler = 1
+        for _, band_adler, length in done[a:b]:
+            adler = _adler_combine(adler, band_adler, length)
+        data = b"".join(d for d, _, _ in done[a:b]) + b"\x03\x00"  # an empty final block
+        width = sum(image.shape[1] for image in stacks[0][0])
+        height = sum(side[0].shape[0] for side, _ in stacks)
+        out.append(_png(width, height, data, adler))
+    return out
 
 
 @dataclass(frozen=True)
@@ -191,7 +227,7 @@ def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def encode_png(image: Image.Image | np.ndarray) -> bytes:
     """A lossless RGB PNG of `image` (or of an height x width x 3 uint8 array)."""
-    return _whole([(_lines(_rgb(image)), 1)], map)[0]
+    return _whole([[((_rgb(image),), 1)]], map)[0]
 
 
 def _png_files(
@@ -212,10 +248,14 @@ def _png_files(
             rows = list(mapper(_rows, arrays))
             grid = _spliced(2 * width, 2 * height, [rows[:2], rows[2:]])
             return grid, list(mapper(lambda r: _spliced(width, height, [[r]]), rows))
-        grid, *files = _whole([(_grid_lines(arrays), 4), *((_lines(a), 1) for a in arrays)],
-                              mapper)
+        grid, *files = _whole([_grid(arrays), *([((a,), 1)] for a in arrays)], mapper)
         return grid, files
-    return _whole([(_grid_lines(arrays), 4)], mapper)[0], []
+    return _whole([_grid(arrays)], mapper)[0], []
+
+
+def _grid(arrays: Sequence[np.ndarray]) -> _Stacks:
+    """The 2x2 grid as two stacks of two, each cut in two bands (four bands side by side)."""
+    return [((arrays[0], arrays[1]), 2), ((arrays[2], arrays[3]), 2)]
 
 
 def _pillow(image: Image.Image, fmt: str, quality: int) -> bytes:
