@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from openedits.errors import ImageInvalid, ImageTooLarge, InvalidInput, OpenEditsError
-from openedits.imaging.mask import composite, decode_mask
+from openedits.imaging.mask import composite, decode_mask, kept_outside
 from tests.imaging.conftest import encode, quadrants
 
 SIZE = (64, 48)
@@ -181,6 +181,17 @@ def test_composite_resizes_edited_and_thresholds_soft_masks() -> None:
     assert np.array_equal(values[keep], np.asarray(original)[keep])
     assert np.all(values[~keep] == 9)
     assert composite(original, edited, None).size == SIZE
+
+
+def test_kept_outside_equals_composite_for_each_edit() -> None:
+    rng = np.random.default_rng(11)
+    original = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    edits = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    soft = Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8))  # every level
+    out = kept_outside(original, edits, soft)
+    for edit, got in zip(edits, out, strict=True):
+        want = np.asarray(composite(Image.fromarray(original), Image.fromarray(edit), soft))
+        assert got.dtype == np.uint8 and np.array_equal(got, want)
 
 
 # --- hypothesis

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
+import cv2
 import numpy as np
 from PIL import Image, ImageChops
 
 from openedits.errors import ImageInvalid, InvalidInput
 from openedits.imaging.decode import ALPHA_MODES, DEEP_MODES, deep_to_l, load_checked, pillow_guard
 
-__all__ = ["composite", "decode_mask"]
+__all__ = ["composite", "decode_mask", "kept_outside"]
 
 _THRESHOLD = 128
 # How far the colour of an alpha mask may vary and still count as "uniform": lossy WebP
@@ -106,3 +109,24 @@ def composite(original: Image.Image, edited: Image.Image, mask: Image.Image | No
     if mask.size != original.size:
         mask = mask.resize(original.size, Image.Resampling.NEAREST)
     return Image.composite(edited, original, _threshold(mask))
+
+
+def kept_outside(
+    original: np.ndarray,
+    edited: Sequence[Image.Image | np.ndarray],
+    mask: Image.Image,
+    *,
+    mapper: Callable[..., Iterable[np.ndarray]] = map,
+) -> list[np.ndarray]:
+    """`composite` for many edits of one image at once, as arrays: each of `edited` (RGB, the
+    size of `original`, a height x width x 3 uint8 array) with every pixel outside `mask` set
+    back to the original's, one edit per call of `mapper` (an executor's map runs them side by
+    side). The mask is thresholded once; OpenCV's masked copy (one pass, no Python per pixel)
+    measured a third of the time of Pillow's composite."""
+    inside = (np.asarray(mask.convert("L")) >= _THRESHOLD).view(np.uint8)
+
+    def keep(edit: Image.Image | np.ndarray) -> np.ndarray:
+        kept: np.ndarray = cv2.copyTo(np.asarray(edit), inside, original.copy())
+        return kept
+
+    return list(mapper(keep, edited))
