@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,63 +24,13 @@ from sqlalchemy.sql.elements import ColumnElement
 from openedits.schemas import TaskState
 from openedits.store._inputs import IN_FILE, InlineInput, InputFiles, pack, unpack
 from openedits.store._inserts import InsertWriter, count_active
+from openedits.store._rows import NewTask, TaskRow
 from openedits.store._tables import task_payloads, tasks
 from openedits.webhooks.outbox import owe_callback
 
 __all__ = ["PRIORITY", "InlineInput", "NewTask", "TaskRow", "TaskStore"]
 
 PRIORITY = {"turbo": 0, "fast": 1, "relax": 2}
-
-
-@dataclass(frozen=True)
-class NewTask:
-    """What the API knows about a task when it accepts it."""
-
-    id: str
-    owner: str
-    trace_id: str
-    request: dict[str, Any]
-    priority: int
-    base_url: str
-    callback_url: str | None = None
-    idempotency_key: str | None = None
-    request_hash: str | None = None
-
-
-@dataclass(frozen=True)
-class TaskRow:
-    """A snapshot of one task row."""
-
-    id: str
-    owner: str
-    trace_id: str
-    state: TaskState
-    priority: int
-    request: dict[str, Any]
-    response: dict[str, Any] | None
-    error_status: int | None
-    progress: int
-    base_url: str
-    callback_url: str | None
-    seeds: list[int] | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    lease_owner: str | None
-    lease_expires_at: float | None
-    attempts: int
-    cancel_requested: bool
-    idempotency_key: str | None
-    request_hash: str | None
-    timings: dict[str, float] | None = None
-    notes: list[str] | None = None
-
-    @classmethod
-    def from_mapping(cls, m: Any) -> TaskRow:
-        """Build from a SQLAlchemy row mapping."""
-        values = dict(m)
-        values["state"] = TaskState(values["state"])
-        return cls(**values)
 
 
 # The column values of a task handed back to the queue (released, or its worker died).
