@@ -142,6 +142,26 @@ def test_drain_finishes_what_fits_and_hands_back_the_rest(settings: Settings) ->
         rt.close()
 
 
+def test_a_slot_the_device_frees_is_refilled_at_once(settings: Settings) -> None:
+    # More tasks than input threads, and no periodic look within the test (a 30 s reaper
+    # interval): every task after the first few is reserved only because the device, having
+    # started the one it took, wakes an input thread to refill the freed slot.
+    settings = settings.model_copy(update={"input_threads": 2, "reaper_interval_seconds": 30})
+    rt = Runtime.build(settings, engine=FakeEngine(steps=2, step_seconds=0.01))
+    try:
+        ids = [_task(rt, i) for i in range(8)]
+        dispatcher = InProcessDispatcher(rt)
+        dispatcher.start()
+        dispatcher.submit(ids[0], 1)
+        deadline = time.monotonic() + 10
+        while rt.store.live(ids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        dispatcher.stop()
+        assert [rt.store.get(t).state for t in ids] == [TaskState.succeeded] * 8
+    finally:
+        rt.close()
+
+
 def test_drain_lets_a_running_task_finish_within_its_grace(settings: Settings) -> None:
     engine = FakeEngine(steps=4, step_seconds=0.1)
     engine.gate = threading.Event()

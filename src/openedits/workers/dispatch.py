@@ -269,10 +269,17 @@ class InProcessDispatcher:
             with bind(task_id=job.task_id, trace_id=job.row.trace_id):
                 outcome: Outcome | None = None
                 try:
-                    if self.rt.store.start(
-                        job.task_id, job.worker_id, self.rt.settings.lease_seconds,
-                        seeds=job.seeds, progress=FETCHED,
-                    ) is None:
+                    try:
+                        began = self.rt.store.start(
+                            job.task_id, job.worker_id, self.rt.settings.lease_seconds,
+                            seeds=job.seeds, progress=FETCHED,
+                        )
+                    finally:
+                        # Only now may an input thread refill the slot `take` freed: its
+                        # reservation write would have delayed this start (measured: 4.2
+                        # ms of a 5.2 ms gap between two edits on the device).
+                        self._inputs.wake()
+                    if began is None:
                         log.info("task no longer ours to start; dropped")
                         self._leases.drop(job)
                         self._busy_done(job)

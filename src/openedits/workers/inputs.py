@@ -152,7 +152,8 @@ class InputStage:
 
     def take(self, timeout: float) -> Job | None:
         """The most urgent ready job (priority, then the order it was claimed in), or None
-        after `timeout` seconds or once halted. It leaves the stage, freeing its slot.
+        after `timeout` seconds or once halted. It leaves the stage, freeing its slot; the caller
+        calls `wake` once its own store write is done, and an input thread refills the slot.
 
         A more urgent task, pending in the store or still being prepared, is waited for,
         briefly (`_URGENT_WAIT`): long enough for ordinary inputs, too short for a hanging
@@ -182,7 +183,8 @@ class InputStage:
                     break
                 self._wake.set()  # an input thread reserves the urgent one
                 self._lock.wait(min(left, 0.05))
-        self._wake.set()
+        # The freed slot is refilled when the caller says (`wake`), not here: a reservation
+        # written now would compete with the device's own start write for the store.
         return job
 
     def _more_urgent_preparing(self) -> bool:
