@@ -2,7 +2,11 @@
 
 Runs a real openedits server (uvicorn on loopback, the opencv engine, SQLite in a temp dir),
 sends N synchronous edits over HTTP, and, in the same run, times `engine.edit()` alone on the
-same image and mask. Prints both and their ratio (goal: <= 1.15). Then the result encoders side
+same image and mask. Prints both and their ratio (goal: <= 1.15), and, also interleaved, the
+floor: what no server can skip for a lossless result (the inputs decoded from their PNG bytes,
+the engine, the paste-back outside the mask, the five PNGs encoded on the server's encoder
+pool), with no HTTP, store or file write; its ratio is the best any server could reach on this
+machine with this engine. Then the result encoders side
 by side on the same four variants: Pillow's PNG (what openedits used), OpenCV's, and openedits'
 own (the grid spliced from the variants' rows), all lossless and checked to decode to the same
 pixels, and webp/jpeg for `output_format`.
@@ -21,6 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 
 import httpx
@@ -31,8 +36,10 @@ from PIL import Image
 from openedits.api.app import create_app
 from openedits.engines.base import Engine
 from openedits.engines.opencv import OpenCVEngine
+from openedits.imaging.decode import decode_image
 from openedits.imaging.encode import encode_results
 from openedits.imaging.grid import make_grid
+from openedits.imaging.mask import decode_mask, kept_outside
 from openedits.settings import Settings
 
 
@@ -73,8 +80,10 @@ def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Ima
         body = {"image_url": data_uri(image), "mask": data_uri(mask), "prompt": "bench",
                 "split_images": True}
         headers = {"authorization": "Bearer bench"}
+        image_png, mask_png = _png(image), _png(mask)
         end_to_end: list[float] = []
         compute: list[float] = []
+        floor: list[float] = []
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as client:
             client.post("/midjourney/edits", json=body, headers=headers).raise_for_status()
             for _ in range(args.n):
@@ -86,19 +95,39 @@ def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Ima
                 r = client.post("/midjourney/edits", json=body, headers=headers)
                 end_to_end.append(time.perf_counter() - t0)
                 r.raise_for_status()
+                floor.append(_floor(app.state.runtime.encoder, engine, image_png, mask_png))
             # The last task's own account of where its time went.
             task = client.post("/midjourney/tasks", headers=headers,
                                json={"id": r.json()["task_id"]}).json()
             timings = app.state.runtime.store.get(task["id"]).timings or {}
 
-    e2e, eng = statistics.median(end_to_end), statistics.median(compute)
+    e2e, eng, least = (statistics.median(x) for x in (end_to_end, compute, floor))
     print(f"engine {engine.name}, image {args.size}x{args.size}, 4 variants, n={args.n} (medians)")
     print(f"  engine compute alone : {eng * 1000:8.1f} ms")
     print(f"  end-to-end sync HTTP : {e2e * 1000:8.1f} ms")
     print(f"  overhead             : {(e2e - eng) * 1000:8.1f} ms")
     print(f"  ratio e2e / compute  : {e2e / eng:8.3f}   (goal <= 1.15)")
+    print(f"  floor (no HTTP/store): {least * 1000:8.1f} ms   ratio {least / eng:.3f}: decode, "
+          "engine, paste-back, 5 lossless PNGs")
     print("  last task's timings  : " + ", ".join(
         f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _floor(pool: Executor, engine: Engine, image_png: bytes, mask_png: bytes) -> float:
+    """Seconds for what any server must do for one lossless edit, without HTTP or a store."""
+    t0 = time.perf_counter()
+    image = decode_image(image_png, max_pixels=1 << 26, max_side=4096).image
+    mask = decode_mask(mask_png, image.size, max_pixels=1 << 26)
+    variants = engine.edit(image, mask, "bench", n=4, seed=0, preset="fast")
+    kept = kept_outside(np.asarray(image), variants, mask, mapper=pool.map)
+    encode_results(kept, pool=pool)
+    return time.perf_counter() - t0
 
 
 def _pillow_png(images: list[Image.Image]) -> list[bytes]:
