@@ -151,7 +151,7 @@ class InputStage:
     # --- the device's side
 
     def take(self, timeout: float) -> Job | None:
-        """The most urgent ready job (priority, then the order it was claimed in), or None
+        """The most urgent ready job (priority, then the order it became ready in), or None
         after `timeout` seconds or once halted. It leaves the stage, freeing its slot; the caller
         calls `wake` once its own store write is done, and an input thread refills the slot.
 
