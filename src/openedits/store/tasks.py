@@ -288,6 +288,16 @@ class TaskStore:
 
         return write
 
+    def _end(
+        self, task_id: str, response: dict[str, Any], now: float, **transition: Any
+    ) -> bool:
+        """A guarded transition to an end (every path that ends a task comes here): the
+        `_on_end` writes in its transaction, then the task's input file removed."""
+        ended = self._transition(task_id, then=self._on_end(task_id, response, now), **transition)
+        if ended:
+            self._drop_inputs(task_id)
+        return ended
+
     @staticmethod
     def _leased() -> ColumnElement[bool]:
         """Running, or pending under a worker's reservation. The live states come first, on
@@ -518,16 +528,9 @@ class TaskStore:
         from_states = (
             [TaskState.running, TaskState.pending] if worker_id else [TaskState.pending]
         )
-        ended = self._transition(
-            task_id,
-            from_states=from_states,
-            values=values,
-            lease_owner=worker_id,
-            then=self._on_end(task_id, response, now),
+        return self._end(
+            task_id, response, now, from_states=from_states, values=values, lease_owner=worker_id
         )
-        if ended:
-            self._drop_inputs(task_id)
-        return ended
 
     def request_cancel(self, task_id: str) -> bool:
         """Flag a running task for cancellation at its next engine step."""
@@ -574,16 +577,14 @@ class TaskStore:
         """Fail a running (or reserved) task whose lease expired after its last allowed
         attempt."""
         now = self.clock()
-        ended = self._transition(
+        return self._end(
             task_id,
+            response,
+            now,
             from_states=[TaskState.running, TaskState.pending],
             values=_ended(TaskState.failed, response, error_status, now),
             also=[self._leased(), self._lease_expired()],
-            then=self._on_end(task_id, response, now),
         )
-        if ended:
-            self._drop_inputs(task_id)
-        return ended
 
     def ended_before(self, cutoff: float, limit: int = 500) -> list[str]:
         """Ids of tasks that ended before `cutoff` (Unix seconds), oldest first."""
