@@ -75,38 +75,23 @@ def _raw_deflate(data: bytes) -> bytes:
 _FILTER_BYTE = {f: _raw_deflate(bytes([f])) for f in (_NONE, _UP)}
 
 
-def _up_filter(rgb: np.ndarray, out: np.ndarray) -> None:
-    """PNG scanlines of `rgb` into `out` (height x (1 + width * 3) bytes, or a column range
-    of it after the first column): row 0 unfiltered, every other row Up-filtered."""
-    flat = rgb.reshape(rgb.shape[0], -1)
-    out[0] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=out[1:])  # uint8 wraps modulo 256, as PNG's Up
-
-
-def _lines(rgb: np.ndarray) -> np.ndarray:
-    """The PNG scanlines of one image: the filter-type byte, then the filtered row."""
-    height, width = rgb.shape[:2]
-    lines = np.empty((height, 1 + width * 3), np.uint8)
-    lines[:, 0] = _UP
-    lines[0, 0] = _NONE
-    _up_filter(rgb, lines[:, 1:])
-    return lines
-
-
 def _band_lines(side: Sequence[np.ndarray], a: int, b: int) -> np.ndarray:
-    """The PNG scanlines of rows a..b of the same-height images `side` placed side by side:
-    each row Up-filtered against the row above, the images' first row unfiltered."""
+    """The PNG scanlines of rows a..b of the same-height images `side` placed side by side
+    (one image: its own scanlines): the filter-type byte, then each row Up-filtered against
+    the row above, the images' first row unfiltered."""
     span = side[0].shape[1] * 3
     lines = np.empty((b - a, 1 + span * len(side)), np.uint8)
     lines[:, 0] = _UP
+    top = int(a == 0)
+    if top:
+        lines[0, 0] = _NONE
     for i, rgb in enumerate(side):
         flat = rgb.reshape(rgb.shape[0], -1)
         out = lines[:, 1 + i * span : 1 + (i + 1) * span]
-        if a == 0:
-            lines[0, 0] = _NONE
-            _up_filter(flat[:b], out)
-        else:
-            np.subtract(flat[a:b], flat[a - 1 : b - 1], out=out)
+        if top:
+            out[0] = flat[0]
+        # uint8 wraps modulo 256, as PNG's Up filter does
+        np.subtract(flat[a + top : b], flat[a + top - 1 : b - 1], out=out[top:])
     return lines
 
 
@@ -179,7 +164,7 @@ class _Rows:
 
 
 def _rows(rgb: np.ndarray) -> _Rows:
-    lines = _lines(rgb)
+    lines = _band_lines((rgb,), 0, rgb.shape[0])
     # Huffman codes only: in filtered photo rows LZ77 finds little to match, so looking for
     # matches cost about twice the time and gave larger files (measured).
     c = zlib.compressobj(1, zlib.DEFLATED, -15, _MEM_LEVEL, zlib.Z_HUFFMAN_ONLY)
