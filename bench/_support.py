@@ -65,11 +65,16 @@ def make_mask(size: tuple[int, int]) -> Image.Image:
     return mask
 
 
-def data_uri(image: Image.Image) -> str:
-    """A data:image/png;base64 URI of `image`."""
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` as a PNG file."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def data_uri(image: Image.Image) -> str:
+    """A data:image/png;base64 URI of `image`."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def free_port() -> int:

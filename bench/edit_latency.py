@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _support import data_uri, make_image, make_mask, make_photo, serve_in_thread
+from _support import data_uri, make_image, make_mask, make_photo, png_bytes, serve_in_thread
 from PIL import Image
 
 from openedits.api.app import create_app
@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Ima
         body = {"image_url": data_uri(image), "mask": data_uri(mask), "prompt": "bench",
                 "split_images": True}
         headers = {"authorization": "Bearer bench"}
-        image_png, mask_png = _png(image), _png(mask)
+        image_png, mask_png = png_bytes(image), png_bytes(mask)
         end_to_end: list[float] = []
         compute: list[float] = []
         floor: list[float] = []
@@ -111,12 +111,6 @@ def _run(args: argparse.Namespace, engine: Engine, image: Image.Image, mask: Ima
           "engine, paste-back, 5 lossless PNGs")
     print("  last task's timings  : " + ", ".join(
         f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _floor(pool: Executor, engine: Engine, image_png: bytes, mask_png: bytes) -> float:

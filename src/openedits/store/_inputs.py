@@ -139,7 +139,7 @@ class InputFiles:
 
         with os.scandir(self.root) as entries:
             for entry in entries:
-                if not _NAME.match(entry.name):
+                if not self.holds(entry.name):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < cutoff:
